@@ -1,0 +1,33 @@
+"""motif-jax: a JAX/Flax training stack for the Motif-2 language models."""
+
+import setuptools
+
+setuptools.setup(
+    name="motif-jax",
+    version="0.1.0",
+    description="JAX/Flax training stack for Motif-2: Grouped Differential Attention, PolyNorm, MuonClip.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.12",
+    packages=setuptools.find_packages(include=["motif_jax", "motif_jax.*", "pallas_kernels"]),
+    package_data={"motif_jax": ["gin/*.gin", "gin/**/*.gin"]},
+    install_requires=[
+        "jax>=0.11.2",
+        "flax>=0.12.0",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11.0",
+        "gin-config>=0.5.0",
+        "absl-py>=2.1.0",
+        "numpy>=2.0",
+        "tensorboardX>=2.6",
+        "seqio>=0.0.19",
+        "tensorflow>=2.18",
+        "tensorflow-datasets>=4.9.7",
+        "importlib_resources>=6.0",  # tensorflow-datasets imports it without declaring it
+    ],
+    extras_require={
+        "test": ["pytest>=8.0"],
+        "gpu": ["jax[cuda13]>=0.11.2"],
+        "tpu": ["jax[tpu]>=0.11.2"],
+    },
+)

@@ -1,0 +1,18 @@
+"""Every test runs on 8 simulated CPU devices, set before jax is first imported."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402  (after the flags above)
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def devices():
+  assert len(jax.devices()) == 8, "tests/conftest.py must run before jax initialises its backend"
+  return jax.devices()
