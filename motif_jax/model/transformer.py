@@ -1,0 +1,125 @@
+"""The Motif-2 decoder: pre-norm blocks scanned over depth, and `MotifForCausalLM`.
+
+Block: `h = x + GDA(RMSNorm(x)); y = h + MLP(RMSNorm(h))`; logits = `lm_head(RMSNorm(h_L))`.
+The blocks' parameters are stacked on a leading `layers` axis and applied with `jax.lax.scan`, so
+compile time does not grow with depth; each scanned step receives its 0-based layer index.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from motif_jax.configs import ModelConfig
+from motif_jax.model.attention import GroupedDifferentialAttention
+from motif_jax.model.layers import RMSNorm, normal_init, param
+from motif_jax.model.mlp import PolyNormMLP
+from motif_jax.sharding import Rules, constrain
+
+_REMAT_POLICIES = {
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+class DecoderBlock(nnx.Module):
+  """One pre-norm block: GDA then the PolyNorm MLP, each behind an RMSNorm and a residual add."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, rules: Rules | None = None):
+    norm = dict(eps=cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.attn_norm = RMSNorm(cfg.hidden_size, **norm)
+    self.attn = GroupedDifferentialAttention(cfg, rngs=rngs, rules=rules)
+    self.mlp_norm = RMSNorm(cfg.hidden_size, **norm)
+    self.mlp = PolyNormMLP(cfg, rngs=rngs, rules=rules)
+    self.rules = rules
+
+  def __call__(self, x, positions, segment_ids, layer_index):
+    """x: [batch, seq, hidden] -> (same shape, max_logits float32 [groups, signal + 1])."""
+    attn_out, max_logits = self.attn(self.attn_norm(x), positions, segment_ids, layer_index)
+    h = x + attn_out
+    y = h + self.mlp(self.mlp_norm(h))
+    return constrain(y, ("batch", "act_length", "act_embed"), self.rules), max_logits
+
+
+class MotifForCausalLM(nnx.Module):
+  """Motif-2 causal LM. `rules` (logical-axis rules) only adds activation sharding constraints."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, rules: Rules | None = None):
+    self.config, self.rules = cfg, rules
+    init = normal_init(cfg.init_std)
+    self.embedding = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), init,
+                           cfg.param_dtype)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def stacked_blocks(rngs):
+      return DecoderBlock(cfg, rngs=rngs, rules=rules)
+
+    self.blocks = stacked_blocks(rngs)
+    self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, param_dtype=cfg.param_dtype,
+                              rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), init,
+                           cfg.param_dtype)
+
+  def __call__(self, tokens, positions=None, segment_ids=None, *, return_aux: bool = False):
+    """tokens: int32 [batch, seq]; positions, segment_ids: int32 [batch, seq] for packed rows.
+
+    Returns float32 logits [batch, seq, vocab]; with `return_aux`, also
+    `{"max_logits": float32 [layers, groups, signal + 1]}` for QK-Clip.
+    """
+    cfg = self.config
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    compute = jnp.dtype(cfg.compute_dtype)
+    x = jnp.take(self.embedding[...], tokens, axis=0).astype(compute)
+    x = constrain(x, ("batch", "act_length", "act_embed"), self.rules)
+
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def layer(carry, scanned):
+      block_state, layer_index = scanned
+      return nnx.merge(graphdef, block_state)(carry, positions, segment_ids, layer_index)
+
+    if cfg.remat_policy != "none":
+      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    x, max_logits = jax.lax.scan(layer, x, (stacked, jnp.arange(cfg.num_layers)))
+
+    x = self.final_norm(x)
+    head = self.embedding[...].T if cfg.tie_embeddings else self.lm_head[...]
+    logits = jnp.einsum("btd,dv->btv", x, head.astype(compute), preferred_element_type=jnp.float32)
+    logits = constrain(logits, ("batch", "act_length", "act_vocab"), self.rules)
+    return (logits, {"max_logits": max_logits}) if return_aux else logits
+
+
+def abstract_model(cfg: ModelConfig, rules: Rules | None = None) -> MotifForCausalLM:
+  """The model with `jax.ShapeDtypeStruct` leaves: no memory, no computation."""
+  return nnx.eval_shape(lambda: MotifForCausalLM(cfg, rngs=nnx.Rngs(0), rules=rules))
+
+
+def abstract_params(cfg: ModelConfig):
+  """Parameters as a nested dict of `jax.ShapeDtypeStruct`."""
+  return nnx.state(abstract_model(cfg), nnx.Param).to_pure_dict()
+
+
+def param_logical_axes(cfg: ModelConfig):
+  """The parameters' logical axis names: a nested dict (same structure) of PartitionSpecs."""
+  return nnx.get_partition_spec(nnx.state(abstract_model(cfg), nnx.Param)).to_pure_dict()
+
+
+def split_model(model: MotifForCausalLM):
+  """(graphdef, params as a nested dict of arrays) — the functional form the trainer uses."""
+  graphdef, state = nnx.split(model, nnx.Param)
+  return graphdef, state.to_pure_dict()
+
+
+def init_params(cfg: ModelConfig, seed: int, shardings=None, rules: Rules | None = None):
+  """Initialises (graphdef, params), the params born with `shardings` (a tree like the params)."""
+  graphdef = nnx.graphdef(abstract_model(cfg, rules))
+
+  def build():
+    return split_model(MotifForCausalLM(cfg, rngs=nnx.Rngs(seed), rules=rules))[1]
+
+  return graphdef, jax.jit(build, out_shardings=shardings)()
