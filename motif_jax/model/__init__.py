@@ -3,7 +3,6 @@
 from motif_jax.model.transformer import (
     DecoderBlock,
     MotifForCausalLM,
-    abstract_model,
     abstract_params,
     init_params,
     param_logical_axes,
@@ -13,7 +12,6 @@ from motif_jax.model.transformer import (
 __all__ = [
     "DecoderBlock",
     "MotifForCausalLM",
-    "abstract_model",
     "abstract_params",
     "init_params",
     "param_logical_axes",

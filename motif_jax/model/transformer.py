@@ -94,19 +94,31 @@ class MotifForCausalLM(nnx.Module):
     return (logits, {"max_logits": max_logits}) if return_aux else logits
 
 
-def abstract_model(cfg: ModelConfig, rules: Rules | None = None) -> MotifForCausalLM:
-  """The model with `jax.ShapeDtypeStruct` leaves: no memory, no computation."""
-  return nnx.eval_shape(lambda: MotifForCausalLM(cfg, rngs=nnx.Rngs(0), rules=rules))
+def _abstract_state(cfg: ModelConfig, rules: Rules | None = None):
+  """(graphdef, parameter State with ShapeDtypeStruct values): no memory, no computation.
+
+  Uses `jax.eval_shape`, which, unlike `nnx.eval_shape`, leaves the logical `out_sharding` names
+  alone when a mesh is set.
+  """
+  captured = {}
+
+  def build():
+    graphdef, state = nnx.split(MotifForCausalLM(cfg, rngs=nnx.Rngs(0), rules=rules), nnx.Param)
+    captured["graphdef"] = graphdef
+    return state
+
+  state = jax.eval_shape(build)
+  return captured["graphdef"], state
 
 
 def abstract_params(cfg: ModelConfig):
   """Parameters as a nested dict of `jax.ShapeDtypeStruct`."""
-  return nnx.state(abstract_model(cfg), nnx.Param).to_pure_dict()
+  return _abstract_state(cfg)[1].to_pure_dict()
 
 
 def param_logical_axes(cfg: ModelConfig):
   """The parameters' logical axis names: a nested dict (same structure) of PartitionSpecs."""
-  return nnx.get_partition_spec(nnx.state(abstract_model(cfg), nnx.Param)).to_pure_dict()
+  return nnx.get_partition_spec(_abstract_state(cfg)[1]).to_pure_dict()
 
 
 def split_model(model: MotifForCausalLM):
@@ -117,7 +129,7 @@ def split_model(model: MotifForCausalLM):
 
 def init_params(cfg: ModelConfig, seed: int, shardings=None, rules: Rules | None = None):
   """Initialises (graphdef, params), the params born with `shardings` (a tree like the params)."""
-  graphdef = nnx.graphdef(abstract_model(cfg, rules))
+  graphdef, _ = _abstract_state(cfg, rules)
 
   def build():
     return split_model(MotifForCausalLM(cfg, rngs=nnx.Rngs(seed), rules=rules))[1]
