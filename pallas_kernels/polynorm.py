@@ -1,0 +1,613 @@
+"""Fused `PolyNorm(gate) * up` for the Motif-2 MLP: reference, Pallas TPU and GPU kernels, custom VJP, sharding.
+
+    PolyNorm(z) = w0 * N(z^3) + w1 * N(z^2) + w2 * N(z) + b,    N(u) = u / sqrt(mean(u^2, last axis) + eps)
+
+computed in float32 (the `* up` product too) and cast to the input dtype once (SPEC.md section 3).
+
+Inside the kernels the polynomial is indexed by power k = 0..3 of z:
+  * coef [1, 4] = (b, w2, w1, w0), the coefficient of z^k;
+  * row statistics are [rows, 4] float32, column k for power k:
+      power sums  s_k = sum_f (z^k)^2              (column 0 unused, 0)
+      inv_rms     r_k = 1 / sqrt(s_k / F + eps)    (r_0 = 1: the bias is not normalised)
+      grad sums   c_k = sum_f dp * z^k             with dp = dout * up
+so that, per row, with a_k = coef_k * r_k:
+
+    out   = up * sum_k a_k z^k
+    d up  = dout * sum_k a_k z^k
+    d z   = sum_{k>=1} k a_k z^(k-1) (dp - (r_k^2 c_k / F) z^k)      (chain rule through N, then z -> z^k)
+    d coef_k = sum over rows of r_k c_k
+
+Both passes need a full-row reduction (s or c) before the elementwise part, so each is split into a statistics
+kernel and an apply kernel that takes the statistics as input; the unsharded path runs a fused kernel doing both
+per row block. When the feature axis is sharded (`mul_polynorm_sharded`), the partial sums are `psum`med over the
+tensor axis between the two kernels. The backward recomputes the powers of z; its residuals are gate, up, coef
+and inv_rms [rows, 4] (the three inverse RMS values per row, plus the constant r_0 = 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec as P
+
+IMPLS = ("auto", "reference", "pallas_tpu", "pallas_gpu")
+NUM_POWERS = 4  # z^0 (bias) .. z^3
+
+
+# ----------------------------------------------------------------------------------------------- reference
+
+
+def mul_polynorm_reference(gate, up, weight, bias, *, eps: float = 1e-6):
+  """PolyNorm(gate) * up in plain jnp; the test oracle.
+
+  Args:
+    gate, up: [..., features], same dtype.
+    weight: [3] = (w0, w1, w2), the weights of N(z^3), N(z^2), N(z).
+    bias: [1].
+  Returns:
+    [..., features] in gate's dtype.
+  """
+  z = gate.astype(jnp.float32)
+
+  def normalise(u):
+    return u * lax.rsqrt(jnp.mean(u * u, axis=-1, keepdims=True) + eps)
+
+  poly = (weight[0] * normalise(z * z * z) + weight[1] * normalise(z * z) + weight[2] * normalise(z)
+          + bias[0])
+  return (poly * up.astype(jnp.float32)).astype(gate.dtype)
+
+
+# ------------------------------------------------ row math, shared by both kernels (all float32, 2-D blocks)
+# z, dp: [n, f] (a block of n rows, f features of the row or a chunk of it); stats: [n, 4]; power_ids: [1, 4].
+
+
+def _column(stats, k, power_ids):
+  """[n, 4] -> [n, 1], column k (a select and a sum: the kernels cannot slice vectors)."""
+  return jnp.sum(jnp.where(power_ids == k, stats, 0.0), axis=1, keepdims=True)
+
+
+def _stack(columns, power_ids):
+  """Four [n, 1] columns (None for zero) -> [n, 4]."""
+  return sum(jnp.where(power_ids == k, col, 0.0) for k, col in enumerate(columns) if col is not None)
+
+
+def _row_sum(x):
+  return jnp.sum(x, axis=1, keepdims=True)
+
+
+def _power_sums(z, power_ids):
+  """[n, f] -> [n, 4]: column k = sum (z^k)^2 over the f features, k = 1..3; column 0 = 0."""
+  z2 = z * z
+  z4 = z2 * z2
+  return _stack((None, _row_sum(z2), _row_sum(z4), _row_sum(z4 * z2)), power_ids)
+
+
+def _inv_rms(power_sums, features: int, eps: float, power_ids):
+  """[n, 4] full-row power sums -> [n, 4] inverse RMS of z^k over `features`; column 0 = 1."""
+  return jnp.where(power_ids == 0, 1.0, lax.rsqrt(power_sums * (1.0 / features) + eps))
+
+
+def _grad_sums(z, dp, power_ids):
+  """[n, f] x2 -> [n, 4]: column k = sum dp * z^k over the f features."""
+  dpz = dp * z
+  dpz2 = dpz * z
+  return _stack((_row_sum(dp), _row_sum(dpz), _row_sum(dpz2), _row_sum(dpz2 * z)), power_ids)
+
+
+def _columns(stats, power_ids):
+  """[n, 4] -> the four [n, 1] columns."""
+  return tuple(_column(stats, k, power_ids) for k in range(NUM_POWERS))
+
+
+def _polynomial(z, scale):
+  """sum_k scale_k z^k (Horner); z [n, f], scale: four [n, 1] columns -> [n, f]."""
+  s0, s1, s2, s3 = scale
+  return s0 + z * (s1 + z * (s2 + z * s3))
+
+
+def _grad_coefficients(coef, inv_rms, grad_sums, features: int, power_ids):
+  """coef [1, 4], inv_rms and full-row grad_sums [n, 4] -> columns a_k = coef_k r_k and a_k e_k, where
+  e_k = r_k^2 c_k / F."""
+  scale = coef * inv_rms
+  return _columns(scale, power_ids), _columns(scale * inv_rms * inv_rms * grad_sums * (1.0 / features), power_ids)
+
+
+def _polynomial_grad(z, dp, scale, scale_e):
+  """d loss / d z for out = up * PolyNorm(z), given dp = dout * up [n, f] and the `_grad_coefficients` columns.
+
+  dz = sum_k k a_k z^(k-1) (dp - e_k z^k), expanded in z:
+  dz = dp (a1 + 2 a2 z + 3 a3 z^2) - z (a1 e1 + 2 a2 e2 z^2 + 3 a3 e3 z^4).
+  """
+  _, a1, a2, a3 = scale
+  _, ae1, ae2, ae3 = scale_e
+  z2 = z * z
+  return dp * (a1 + z * (2.0 * a2 + 3.0 * a3 * z)) - z * (ae1 + z2 * (2.0 * ae2 + 3.0 * ae3 * z2))
+
+
+# ---------------------------------------------------------------------------- how a kernel sees its rows
+# A kernel handles one block of rows, in `num_chunks` chunks of columns. Arrays are [rows, features] (gate, up,
+# dout, out, dgate, dup), [rows, 4] row statistics, or coef [1, 4]. `_call` gives each kernel trace a fresh
+# view; with a single chunk the view reads each input once and serves both passes from it.
+
+
+class _View:
+  """What the kernels need from a backend: chunked float32 loads and stores, and row-statistics I/O."""
+
+  num_chunks = 1
+
+  def __init__(self):
+    self._loaded = {}
+
+  def load(self, ref, chunk):
+    """ref's chunk `chunk` in float32 [n, f]; with one chunk, read once per kernel."""
+    if self.num_chunks > 1:
+      return self._load(ref, chunk).astype(jnp.float32)
+    if id(ref) not in self._loaded:
+      self._loaded[id(ref)] = self._load(ref, 0).astype(jnp.float32)
+    return self._loaded[id(ref)]
+
+
+class _TpuBlock(_View):
+  """Mosaic TPU: the BlockSpecs bring a [block_rows, features] block into VMEM; one chunk, the full row."""
+
+  def power_ids(self):
+    return lax.broadcasted_iota(jnp.int32, (1, NUM_POWERS), 1)
+
+  def _load(self, ref, chunk):
+    del chunk
+    return ref[...]
+
+  def store(self, ref, chunk, value):
+    del chunk
+    ref[...] = value.astype(ref.dtype)
+
+  def load_stats(self, ref):
+    return ref[...]
+
+  def store_stats(self, ref, value):
+    ref[...] = value
+
+
+class _GpuRows(_View):
+  """Triton: refs are whole arrays; program i takes rows [i*block_rows, (i+1)*block_rows) and walks the
+  features in chunks of block_cols (powers of two), masking the ragged row block and feature chunk."""
+
+  def __init__(self, rows: int, features: int, block_rows: int, block_cols: int, first_row=None):
+    super().__init__()
+    self.rows, self.features, self.block_rows, self.block_cols = rows, features, block_rows, block_cols
+    self.num_chunks = pl.cdiv(features, block_cols)
+    self.first_row = first_row
+
+  def for_program(self):
+    """A copy for this program (program_id is read at the kernel's top level, outside any loop)."""
+    return _GpuRows(self.rows, self.features, self.block_rows, self.block_cols,
+                    first_row=pl.program_id(0) * self.block_rows)
+
+  def power_ids(self):
+    return jnp.arange(NUM_POWERS)[None, :]
+
+  def _indices(self, chunk, width, num_cols):
+    """Row and column indices [block_rows, 1], [1, width] and the in-bounds mask (None when all are)."""
+    row_ids = self.first_row + jnp.arange(self.block_rows)[:, None]
+    col_ids = chunk * width + jnp.arange(width)[None, :]
+    mask = None
+    if self.rows % self.block_rows:
+      mask = jnp.broadcast_to(row_ids < self.rows, (self.block_rows, width))
+    if num_cols % width:
+      col_mask = jnp.broadcast_to(col_ids < num_cols, (self.block_rows, width))
+      mask = col_mask if mask is None else mask & col_mask
+    return row_ids, col_ids, mask
+
+  def _load(self, ref, chunk):
+    rows, cols, mask = self._indices(chunk, self.block_cols, self.features)
+    return _masked_load(ref.at[rows, cols], mask)
+
+  def store(self, ref, chunk, value):
+    rows, cols, mask = self._indices(chunk, self.block_cols, self.features)
+    plgpu.store(ref.at[rows, cols], value.astype(ref.dtype), mask=mask)
+
+  def load_stats(self, ref):
+    rows, cols, mask = self._indices(0, NUM_POWERS, NUM_POWERS)
+    return _masked_load(ref.at[rows, cols], mask)
+
+  def store_stats(self, ref, value):
+    rows, cols, mask = self._indices(0, NUM_POWERS, NUM_POWERS)
+    plgpu.store(ref.at[rows, cols], value, mask=mask)
+
+
+def _masked_load(ref, mask):
+  """Triton load, zeros where mask is False (mask None: all in bounds)."""
+  return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0.0)
+
+
+def _sum_chunks(view, fn):
+  """sum over chunks j of fn(j) -> [n, 4]."""
+  if view.num_chunks == 1:
+    return fn(0)
+  return lax.fori_loop(1, view.num_chunks, lambda j, acc: acc + fn(j), fn(0))
+
+
+def _for_chunks(view, fn):
+  """fn(j) for every chunk j."""
+  if view.num_chunks == 1:
+    fn(0)
+    return
+
+  def body(j, carry):
+    fn(j)
+    return carry
+
+  lax.fori_loop(0, view.num_chunks, body, 0)
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+
+def _power_sums_kernel(gate_ref, sums_ref, *, view):
+  """Partial (over this device's features) power sums of each row -> sums [rows, 4]."""
+  power_ids = view.power_ids()
+  view.store_stats(sums_ref, _sum_chunks(view, lambda j: _power_sums(view.load(gate_ref, j), power_ids)))
+
+
+def _forward_kernel(coef_ref, gate_ref, up_ref, *refs, view, features, eps, fused):
+  """out = PolyNorm(gate) * up.
+
+  fused: refs = (out, inv_rms); the row statistics are computed here (the row is complete) and stored.
+  else:  refs = (inv_rms, out); inv_rms [rows, 4] is an input.
+  """
+  power_ids = view.power_ids()
+  if fused:
+    out_ref, inv_rms_ref = refs
+    sums = _sum_chunks(view, lambda j: _power_sums(view.load(gate_ref, j), power_ids))
+    inv_rms = _inv_rms(sums, features, eps, power_ids)
+    view.store_stats(inv_rms_ref, inv_rms)
+  else:
+    inv_rms_ref, out_ref = refs
+    inv_rms = view.load_stats(inv_rms_ref)
+  scale = _columns(coef_ref[...] * inv_rms, power_ids)
+
+  def apply(j):
+    view.store(out_ref, j, _polynomial(view.load(gate_ref, j), scale) * view.load(up_ref, j))
+
+  _for_chunks(view, apply)
+
+
+def _grad_sums_kernel(gate_ref, up_ref, dout_ref, grad_sums_ref, *, view):
+  """Partial (over this device's features) sums c_k = sum dout * up * z^k of each row -> [rows, 4]."""
+  power_ids = view.power_ids()
+
+  def chunk_sums(j):
+    dp = view.load(dout_ref, j) * view.load(up_ref, j)
+    return _grad_sums(view.load(gate_ref, j), dp, power_ids)
+
+  view.store_stats(grad_sums_ref, _sum_chunks(view, chunk_sums))
+
+
+def _backward_kernel(coef_ref, gate_ref, up_ref, dout_ref, inv_rms_ref, *refs, view, features, fused):
+  """dgate, dup from dout.
+
+  fused: refs = (dgate, dup, grad_sums); the grad sums are computed here (the row is complete) and stored.
+  else:  refs = (grad_sums, dgate, dup); grad_sums [rows, 4] (full-row, after the psum) is an input.
+  """
+  power_ids = view.power_ids()
+  if fused:
+    dgate_ref, dup_ref, grad_sums_ref = refs
+
+    def chunk_sums(j):
+      dp = view.load(dout_ref, j) * view.load(up_ref, j)
+      return _grad_sums(view.load(gate_ref, j), dp, power_ids)
+
+    grad_sums = _sum_chunks(view, chunk_sums)
+    view.store_stats(grad_sums_ref, grad_sums)
+  else:
+    grad_sums_ref, dgate_ref, dup_ref = refs
+    grad_sums = view.load_stats(grad_sums_ref)
+  scale, scale_e = _grad_coefficients(coef_ref[...], view.load_stats(inv_rms_ref), grad_sums, features,
+                                      power_ids)
+
+  def apply(j):
+    z, up, dout = view.load(gate_ref, j), view.load(up_ref, j), view.load(dout_ref, j)
+    view.store(dup_ref, j, dout * _polynomial(z, scale))
+    view.store(dgate_ref, j, _polynomial_grad(z, dout * up, scale, scale_e))
+
+  _for_chunks(view, apply)
+
+
+# ------------------------------------------------------------------------------------------ pallas calls
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Static settings of one kernel path. features: the FULL length of the normalised axis (all shards)."""
+
+  impl: str  # "pallas_tpu" | "pallas_gpu"
+  eps: float
+  features: int
+  interpret: bool = False
+  block_rows: int | None = None
+  block_cols: int | None = None
+  num_warps: int | None = None
+
+
+def _tpu_block_rows(cfg: _Config, rows: int, features: int, dtype) -> int:
+  """Rows per TPU block: about 2^17 elements, a multiple of the sublane tile, or all rows."""
+  sublanes = 8 if jnp.dtype(dtype).itemsize >= 4 else 16
+  block_rows = cfg.block_rows or max(sublanes, (2**17 // features) // sublanes * sublanes)
+  return rows if rows <= block_rows else block_rows
+
+
+def _gpu_view(cfg: _Config, rows: int, features: int) -> _GpuRows:
+  """Rows per program and columns per chunk (powers of two): a row per program, 2048-column chunks."""
+  padded = pl.next_power_of_2(features)
+  block_cols = cfg.block_cols or min(padded, 2048)
+  block_rows = cfg.block_rows or max(1, 2048 // padded)
+  return _GpuRows(rows=rows, features=features, block_rows=block_rows, block_cols=min(block_cols, padded))
+
+
+def _call(cfg: _Config, kernel, gate, inputs, out_shapes):
+  """Runs `kernel(*input_refs, *output_refs, view=...)` over blocks of the rows of `gate` [rows, features].
+
+  inputs and out_shapes are arrays / jax.ShapeDtypeStructs [rows, features] (features local to this device),
+  row statistics [rows, 4], or coef [1, 4].
+  """
+  rows, features = gate.shape
+  if cfg.impl == "pallas_tpu":
+    block_rows = _tpu_block_rows(cfg, rows, features, gate.dtype)
+
+    def spec(x):
+      if x.shape[0] == rows:
+        return pl.BlockSpec((block_rows, x.shape[1]), lambda i: (i, 0))
+      return pl.BlockSpec(x.shape, lambda i: (0, 0))
+
+    return pl.pallas_call(
+        lambda *refs: kernel(*refs, view=_TpuBlock()),
+        grid=(pl.cdiv(rows, block_rows),),
+        in_specs=[spec(x) for x in inputs],
+        out_specs=[spec(x) for x in out_shapes],
+        out_shape=out_shapes,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",),
+                                             vmem_limit_bytes=48 * 2**20),
+        interpret=pltpu.InterpretParams() if cfg.interpret else False,
+    )(*inputs)
+  view = _gpu_view(cfg, rows, features)
+  return pl.pallas_call(
+      lambda *refs: kernel(*refs, view=view.for_program()),
+      grid=(pl.cdiv(rows, view.block_rows),),
+      out_shape=out_shapes,
+      compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps or 4, num_stages=2),
+      interpret=cfg.interpret,
+  )(*inputs)
+
+
+def _stats_shape(rows: int):
+  return jax.ShapeDtypeStruct((rows, NUM_POWERS), jnp.float32)
+
+
+def _power_sums_call(cfg: _Config, gate):
+  """gate [rows, f] -> power sums [rows, 4] over these f features (partial when the features are sharded)."""
+  (sums,) = _call(cfg, _power_sums_kernel, gate, [gate], [_stats_shape(gate.shape[0])])
+  return sums
+
+
+def _forward_call(cfg: _Config, gate, up, coef, inv_rms=None):
+  """gate, up [rows, f]; coef [1, 4] -> out [rows, f], inv_rms [rows, 4].
+
+  Without inv_rms the row statistics are computed in the kernel (f must be the full row); with it, only applied.
+  """
+  rows = gate.shape[0]
+  kernel = functools.partial(_forward_kernel, features=cfg.features, eps=cfg.eps, fused=inv_rms is None)
+  out_shape = jax.ShapeDtypeStruct(gate.shape, gate.dtype)
+  if inv_rms is None:
+    return tuple(_call(cfg, kernel, gate, [coef, gate, up], [out_shape, _stats_shape(rows)]))
+  (out,) = _call(cfg, kernel, gate, [coef, gate, up, inv_rms], [out_shape])
+  return out, inv_rms
+
+
+def _grad_sums_call(cfg: _Config, gate, up, dout):
+  """gate, up, dout [rows, f] -> grad sums [rows, 4] over these f features (partial when sharded)."""
+  (sums,) = _call(cfg, _grad_sums_kernel, gate, [gate, up, dout], [_stats_shape(gate.shape[0])])
+  return sums
+
+
+def _backward_call(cfg: _Config, gate, up, dout, coef, inv_rms, grad_sums=None):
+  """gate, up, dout [rows, f]; coef [1, 4]; inv_rms [rows, 4] -> dgate, dup [rows, f], grad_sums [rows, 4].
+
+  Without grad_sums they are computed in the kernel (f must be the full row); with them, only applied.
+  """
+  kernel = functools.partial(_backward_kernel, features=cfg.features, fused=grad_sums is None)
+  grads_shape = [jax.ShapeDtypeStruct(gate.shape, gate.dtype), jax.ShapeDtypeStruct(up.shape, up.dtype)]
+  inputs = [coef, gate, up, dout, inv_rms]
+  if grad_sums is None:
+    return tuple(_call(cfg, kernel, gate, inputs, grads_shape + [_stats_shape(gate.shape[0])]))
+  dgate, dup = _call(cfg, kernel, gate, inputs + [grad_sums], grads_shape)
+  return dgate, dup, grad_sums
+
+
+def _coef_grad(inv_rms, grad_sums):
+  """d coef [1, 4] = sum over rows of r_k c_k; inv_rms, grad_sums [rows, 4]."""
+  return jnp.sum(inv_rms * grad_sums, axis=0, keepdims=True)
+
+
+# ---------------------------------------------------------------------------------- custom VJP, unsharded
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mul_polynorm_rows(cfg: _Config, gate, up, coef):
+  """gate, up [rows, features]; coef [1, 4] -> [rows, features]."""
+  return _forward_call(cfg, gate, up, coef)[0]
+
+
+def _mul_polynorm_rows_fwd(cfg, gate, up, coef):
+  out, inv_rms = _forward_call(cfg, gate, up, coef)
+  return out, (gate, up, coef, inv_rms)
+
+
+def _mul_polynorm_rows_bwd(cfg, residuals, dout):
+  gate, up, coef, inv_rms = residuals
+  dgate, dup, grad_sums = _backward_call(cfg, gate, up, dout, coef, inv_rms)
+  return dgate, dup, _coef_grad(inv_rms, grad_sums)
+
+
+_mul_polynorm_rows.defvjp(_mul_polynorm_rows_fwd, _mul_polynorm_rows_bwd)
+
+
+# ------------------------------------------------------------------------------------- custom VJP, sharded
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """gate/up [batch, ..., features]: batch split over batch_axes, features over axis, the rest replicated."""
+
+  mesh: jax.sharding.Mesh
+  axis: str
+  batch_axes: tuple[str, ...]
+  ndim: int
+
+  @property
+  def data_spec(self):
+    return P(self.batch_axes, *([None] * (self.ndim - 2)), self.axis)
+
+  @property
+  def stats_spec(self):
+    return P(self.batch_axes, *([None] * (self.ndim - 2)), None)
+
+
+def _rows(x):
+  return x.reshape(-1, x.shape[-1])
+
+
+def _sharded_forward(cfg: _Config, layout: _Layout, gate, up, coef):
+  """-> out [..., features] and inv_rms [..., 4], sharded by layout."""
+
+  def local(gate, up, coef):
+    sums = lax.psum(_power_sums_call(cfg, _rows(gate)), layout.axis)
+    inv_rms = _inv_rms(sums, cfg.features, cfg.eps, jnp.arange(NUM_POWERS)[None, :])
+    out, _ = _forward_call(cfg, _rows(gate), _rows(up), coef, inv_rms)
+    return out.reshape(gate.shape), inv_rms.reshape(*gate.shape[:-1], NUM_POWERS)
+
+  return jax.shard_map(local, mesh=layout.mesh, in_specs=(layout.data_spec, layout.data_spec, P()),
+                       out_specs=(layout.data_spec, layout.stats_spec), check_vma=False)(gate, up, coef)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _mul_polynorm_sharded(cfg: _Config, layout: _Layout, gate, up, coef):
+  return _sharded_forward(cfg, layout, gate, up, coef)[0]
+
+
+def _mul_polynorm_sharded_fwd(cfg, layout, gate, up, coef):
+  out, inv_rms = _sharded_forward(cfg, layout, gate, up, coef)
+  return out, (gate, up, coef, inv_rms)
+
+
+def _mul_polynorm_sharded_bwd(cfg, layout, residuals, dout):
+  gate, up, coef, inv_rms = residuals
+
+  def local(gate, up, dout, coef, inv_rms):
+    rows = (_rows(gate), _rows(up), _rows(dout))
+    grad_sums = lax.psum(_grad_sums_call(cfg, *rows), layout.axis)
+    inv_rms = _rows(inv_rms)
+    dgate, dup, _ = _backward_call(cfg, *rows, coef, inv_rms, grad_sums)
+    row_coef_grads = (inv_rms * grad_sums).reshape(*gate.shape[:-1], NUM_POWERS)
+    return dgate.reshape(gate.shape), dup.reshape(up.shape), row_coef_grads
+
+  data, stats = layout.data_spec, layout.stats_spec
+  dgate, dup, row_coef_grads = jax.shard_map(
+      local, mesh=layout.mesh, in_specs=(data, data, data, P(), stats), out_specs=(data, data, stats),
+      check_vma=False)(gate, up, dout, coef, inv_rms)
+  return dgate, dup, jnp.sum(_rows(row_coef_grads), axis=0, keepdims=True)
+
+
+_mul_polynorm_sharded.defvjp(_mul_polynorm_sharded_fwd, _mul_polynorm_sharded_bwd)
+
+
+# ------------------------------------------------------------------------------------------------ public
+
+
+def _resolve_impl(impl: str) -> str:
+  if impl not in IMPLS:
+    raise ValueError(f"mul_polynorm: impl={impl!r}; choose one of {IMPLS}")
+  if impl != "auto":
+    return impl
+  return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(jax.default_backend(), "reference")
+
+
+def _coef(weight, bias):
+  """weight [3] = (w0, w1, w2), bias [1] -> coef [1, 4] = (b, w2, w1, w0), float32."""
+  return jnp.concatenate([bias.reshape(1), weight.reshape(3)[::-1]]).astype(jnp.float32)[None, :]
+
+
+def _check_inputs(gate, up, weight, bias):
+  if gate.shape != up.shape or gate.dtype != up.dtype:
+    raise ValueError(f"mul_polynorm: gate {gate.shape} {gate.dtype} and up {up.shape} {up.dtype} must match")
+  if gate.ndim < 2:
+    raise ValueError(f"mul_polynorm: gate must be [..., features] with at least 2 dims, got {gate.shape}")
+  if weight.shape != (3,) or bias.shape != (1,):
+    raise ValueError(f"mul_polynorm: weight must be [3] and bias [1], got {weight.shape} and {bias.shape}")
+
+
+def mul_polynorm(gate, up, weight, bias, *, eps: float = 1e-6, impl: str = "auto", interpret: bool = False,
+                 block_rows: int | None = None, block_cols: int | None = None, num_warps: int | None = None):
+  """PolyNorm(gate) * up, fused, with a custom VJP; the mean runs over the whole last axis of this array.
+
+  Args:
+    gate, up: [..., features], same dtype (bfloat16 or float32); leading dims are flattened to rows.
+    weight: [3] = (w0, w1, w2) for N(z^3), N(z^2), N(z); bias: [1]. Float32.
+    eps: added to the mean square.
+    impl: "reference" (jnp), "pallas_tpu" (Mosaic), "pallas_gpu" (Triton), or "auto": by jax.default_backend()
+      (tpu -> pallas_tpu, gpu -> pallas_gpu, else reference).
+    interpret: run the Pallas kernel in interpret mode (GPU: plain interpret; TPU: pltpu.InterpretParams()).
+    block_rows: rows per kernel block (TPU: a multiple of 8 (16 for bf16); GPU: a power of two).
+    block_cols, num_warps: GPU only; the column chunk (a power of two) and the warps per program.
+  Returns:
+    [..., features] in gate's dtype. Differentiable in gate, up, weight and bias.
+  """
+  _check_inputs(gate, up, weight, bias)
+  impl = _resolve_impl(impl)
+  if impl == "reference":
+    return mul_polynorm_reference(gate, up, weight, bias, eps=eps)
+  cfg = _Config(impl=impl, eps=eps, features=gate.shape[-1], interpret=interpret, block_rows=block_rows,
+                block_cols=block_cols, num_warps=num_warps)
+  out = _mul_polynorm_rows(cfg, _rows(gate), _rows(up), _coef(weight, bias))
+  return out.reshape(gate.shape)
+
+
+def mul_polynorm_sharded(gate, up, weight, bias, *, mesh: jax.sharding.Mesh, axis: str = "tensor",
+                         batch_axes: tuple[str, ...] = ("data", "fsdp"), eps: float = 1e-6, impl: str = "auto",
+                         interpret: bool = False, block_rows: int | None = None, block_cols: int | None = None,
+                         num_warps: int | None = None):
+  """`mul_polynorm` with the feature axis sharded over mesh axis `axis` and the first axis over `batch_axes`.
+
+  Each device runs the statistics kernel on its features, the per-row sums of z^2, z^4, z^6 are psummed over
+  `axis`, then the apply kernel normalises; the backward does the same with the grad sums. Equal to the
+  unsharded result. impl="reference" runs the plain reference and lets the partitioner reduce the mean.
+
+  Args:
+    gate, up: [batch, ..., features]; batch divisible by the size of batch_axes, features by that of axis.
+    weight [3], bias [1]: replicated.
+    mesh: the device mesh; axis, batch_axes: its axis names. Other arguments as in `mul_polynorm`.
+  Returns:
+    [batch, ..., features] in gate's dtype, sharded like gate.
+  """
+  _check_inputs(gate, up, weight, bias)
+  impl = _resolve_impl(impl)
+  if impl == "reference":
+    return mul_polynorm_reference(gate, up, weight, bias, eps=eps)
+  batch_axes = tuple(batch_axes)
+  batch_shards = math.prod(mesh.shape[name] for name in batch_axes)
+  if gate.shape[0] % batch_shards or gate.shape[-1] % mesh.shape[axis]:
+    raise ValueError(
+        f"mul_polynorm_sharded: gate {gate.shape} needs its first dim divisible by {batch_shards} "
+        f"(mesh axes {batch_axes}) and its last by {mesh.shape[axis]} (mesh axis {axis!r}); pad the batch or "
+        "change the mesh")
+  cfg = _Config(impl=impl, eps=eps, features=gate.shape[-1], interpret=interpret, block_rows=block_rows,
+                block_cols=block_cols, num_warps=num_warps)
+  layout = _Layout(mesh=mesh, axis=axis, batch_axes=batch_axes, ndim=gate.ndim)
+  return _mul_polynorm_sharded(cfg, layout, gate, up, _coef(weight, bias))

@@ -1,0 +1,138 @@
+"""Fused PolyNorm(gate) * up: the Pallas kernels and the tensor-sharded path against the plain jnp reference.
+
+On CPU the kernels run in interpret mode (the GPU kernel in plain interpret mode, the TPU kernel under
+pltpu.InterpretParams); on a GPU the compiled Triton kernel runs instead and the interpret tests are skipped.
+Reference gradients come from jax.vjp of the reference, which has no custom VJP.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from pallas_kernels.polynorm import mul_polynorm, mul_polynorm_reference, mul_polynorm_sharded
+
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+NAMES = ("out", "dgate", "dup", "dweight", "dbias")
+
+on_cpu = pytest.mark.skipif(jax.default_backend() != "cpu", reason="interpret mode, run on CPU")
+on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Triton kernel, needs a GPU")
+
+
+def random_inputs(shape, dtype, seed=0):
+  """gate, up [shape]; weight [3], bias [1] float32; a cotangent [shape]; all random normal."""
+  keys = jax.random.split(jax.random.key(seed), 5)
+  gate = jax.random.normal(keys[0], shape, dtype)
+  up = jax.random.normal(keys[1], shape, dtype)
+  weight = jax.random.normal(keys[2], (3,), jnp.float32)
+  bias = jax.random.normal(keys[3], (1,), jnp.float32)
+  cotangent = jax.random.normal(keys[4], shape, dtype)
+  return (gate, up, weight, bias), cotangent
+
+
+def value_and_grads(fn, args, cotangent):
+  """(out, dgate, dup, dweight, dbias) of fn(gate, up, weight, bias) under jax.vjp with `cotangent`, jitted."""
+
+  def run(args, cotangent):
+    out, vjp = jax.vjp(fn, *args)
+    return (out, *vjp(cotangent))
+
+  return jax.jit(run)(args, cotangent)
+
+
+def assert_all_close(got, want, dtype):
+  """Per element |got - want| <= tol * (|want| + max|want|): relative, with an absolute floor at the array's
+  scale (the gradients cancel terms, so small entries carry the rounding error of large ones)."""
+  tol = TOLERANCE[dtype]
+  for name, g, w in zip(NAMES, got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype, (name, g.shape, g.dtype, w.shape, w.dtype)
+    w = np.asarray(w, np.float32)
+    np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=tol, atol=tol * np.abs(w).max(),
+                               err_msg=name)
+
+
+def reference_values(args, cotangent):
+  return value_and_grads(mul_polynorm_reference, args, cotangent)
+
+
+# (shape, dtype, tuning options): a plain case; a ragged row count (46 rows in blocks of 8 or 16) with several
+# GPU column chunks; bfloat16 with a feature width that is no power of two (GPU column mask).
+INTERPRET_CASES = {
+    "f32_ragged_2x23x384": ((2, 23, 384), jnp.float32, {"block_rows": 16},
+                            {"block_rows": 16, "block_cols": 256}),
+    "bf16_100x320": ((100, 320), jnp.bfloat16, {"block_rows": 32}, {"block_rows": 4}),
+}
+
+
+@on_cpu
+@pytest.mark.parametrize("case", INTERPRET_CASES)
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_kernel_matches_reference_interpret(impl, case):
+  shape, dtype, tpu_options, gpu_options = INTERPRET_CASES[case]
+  options = tpu_options if impl == "pallas_tpu" else gpu_options
+  args, cotangent = random_inputs(shape, dtype, seed=len(case))
+  fn = lambda *a: mul_polynorm(*a, impl=impl, interpret=True, **options)  # noqa: E731
+  assert_all_close(value_and_grads(fn, args, cotangent), reference_values(args, cotangent), dtype)
+
+
+@pytest.fixture(scope="module")
+def mesh(devices):
+  return jax.make_mesh((2, 1, 4), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def sharded_inputs(mesh, shape, dtype, seed):
+  (gate, up, weight, bias), cotangent = random_inputs(shape, dtype, seed)
+  data = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor"))
+  replicated = NamedSharding(mesh, P())
+  args = (jax.device_put(gate, data), jax.device_put(up, data), jax.device_put(weight, replicated),
+          jax.device_put(bias, replicated))
+  return args, jax.device_put(cotangent, data)
+
+
+@on_cpu
+@pytest.mark.parametrize("impl, dtype", [("pallas_gpu", jnp.float32), ("pallas_tpu", jnp.bfloat16),
+                                         ("reference", jnp.float32)])
+def test_sharded_matches_unsharded(mesh, impl, dtype):
+  """Features split 4 ways (128 per device), rows 2 ways: psummed row statistics give the unsharded result."""
+  args, cotangent = sharded_inputs(mesh, (4, 10, 512), dtype, seed=3)
+  interpret = impl != "reference"
+  sharded = lambda *a: mul_polynorm_sharded(*a, mesh=mesh, impl=impl, interpret=interpret)  # noqa: E731
+  unsharded = lambda *a: mul_polynorm(*a, impl=impl, interpret=interpret)  # noqa: E731
+  got = value_and_grads(sharded, args, cotangent)
+  assert got[0].sharding.spec == P(("data", "fsdp"), None, "tensor")
+  assert_all_close(got, value_and_grads(unsharded, args, cotangent), dtype)
+  assert_all_close(got, reference_values(args, cotangent), dtype)
+
+
+def test_sharded_rejects_indivisible_shapes(mesh):
+  (gate, up, weight, bias), _ = random_inputs((4, 3, 510), jnp.float32)
+  with pytest.raises(ValueError, match="mesh axis 'tensor'"):
+    mul_polynorm_sharded(gate, up, weight, bias, mesh=mesh, impl="pallas_gpu", interpret=True)
+
+
+def test_auto_dispatch_and_bad_impl():
+  args, _ = random_inputs((8, 128), jnp.float32)
+  if jax.default_backend() == "cpu":
+    np.testing.assert_array_equal(mul_polynorm(*args), mul_polynorm_reference(*args))
+  with pytest.raises(ValueError, match="impl="):
+    mul_polynorm(*args, impl="pallas")
+
+
+GPU_CASES = {
+    "bf16_2x512x4096": ((2, 512, 4096), jnp.bfloat16),
+    "f32_2x512x4096": ((2, 512, 4096), jnp.float32),
+    "bf16_ragged_777x1000": ((777, 1000), jnp.bfloat16),
+    "f32_ragged_3x37x2816": ((3, 37, 2816), jnp.float32),
+    "bf16_256x16384": ((256, 16384), jnp.bfloat16),
+}
+
+
+@on_gpu
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_compiled_gpu_kernel_matches_reference(case):
+  shape, dtype = GPU_CASES[case]
+  args, cotangent = random_inputs(shape, dtype, seed=len(case))
+  want = reference_values(args, cotangent)
+  got = value_and_grads(mul_polynorm, args, cotangent)  # impl="auto"
+  assert_all_close(got, want, dtype)
