@@ -105,6 +105,7 @@ def test_sharded_matches_unsharded(mesh, impl, dtype):
   assert_all_close(got, reference_values(args, cotangent), dtype)
 
 
+@on_cpu
 def test_sharded_rejects_indivisible_shapes(mesh):
   (gate, up, weight, bias), _ = random_inputs((4, 3, 510), jnp.float32)
   with pytest.raises(ValueError, match="mesh axis 'tensor'"):

@@ -1,0 +1,137 @@
+"""Benchmark of the fused PolyNorm(gate) * up kernel against the jitted jnp reference.
+
+    python bench/kernels.py polynorm [--shapes 8192x16384,16384x8192] [--dtype bfloat16] [--impl auto]
+                                     [--sweep] [--iters 10] [--interpret]
+
+For each shape [rows, features]: forward and forward+backward times (backward through jax.vjp with a random
+cotangent) of the kernel and of the reference, in one run. Achieved GB/s counts the bytes a fused pass must move:
+forward reads gate and up and writes out (3 arrays); backward reads gate, up and the cotangent and writes dgate
+and dup (5 arrays); forward+backward is their sum (8 arrays). The ceiling is `copy_gbps` (an XLA `x * 2`,
+read + write) at the same shape and dtype, measured in the same run. --sweep also times GPU tuning options
+(block_rows, block_cols, num_warps). Prints a table; writes JSON to $OUT/kernels_polynorm.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+from bench.timing import copy_gbps, median_seconds, random_like
+from pallas_kernels.polynorm import mul_polynorm, mul_polynorm_reference
+
+# (block_rows, block_cols, num_warps); None block_cols means the whole (padded) row in one chunk.
+GPU_SWEEP = [(1, 1024, 4), (1, 2048, 4), (1, 2048, 8), (1, 4096, 8), (1, 4096, 16), (1, 8192, 16),
+             (1, None, 16), (1, None, 32)]
+
+
+def _inputs(shape, dtype, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  gate = jax.random.normal(keys[0], shape, dtype)
+  up = jax.random.normal(keys[1], shape, dtype)
+  weight = jax.random.normal(keys[2], (3,), jnp.float32)
+  bias = jax.random.normal(keys[3], (1,), jnp.float32)
+  return gate, up, weight, bias
+
+
+def _forward_backward(fn):
+  """jit of (args, cotangent) -> (out, grads of gate, up, weight, bias) through jax.vjp."""
+
+  def run(args, cotangent):
+    out, vjp = jax.vjp(fn, *args)
+    return out, vjp(cotangent)
+
+  return jax.jit(run)
+
+
+def _time_pair(fn, args, cotangent, iters):
+  """(forward seconds, forward+backward seconds, forward output) of fn(gate, up, weight, bias)."""
+  forward = jax.jit(fn)
+  out = forward(*args)
+  return (median_seconds(forward, *args, iters=iters),
+          median_seconds(_forward_backward(fn), args, cotangent, iters=iters), out)
+
+
+def _row(name, shape, dtype, forward_s, total_s, copy, reference=None, error=None):
+  size = shape[0] * shape[1] * jnp.dtype(dtype).itemsize
+  row = {
+      "impl": name, "shape": list(shape), "dtype": jnp.dtype(dtype).name,
+      "fwd_ms": forward_s * 1e3, "fwd_bwd_ms": total_s * 1e3, "bwd_ms": (total_s - forward_s) * 1e3,
+      "fwd_gbps": 3 * size / forward_s / 1e9, "fwd_bwd_gbps": 8 * size / total_s / 1e9, "copy_gbps": copy,
+  }
+  row["fwd_bwd_pct_copy"] = 100 * row["fwd_bwd_gbps"] / copy
+  if reference is not None:
+    row["fwd_speedup"] = reference["fwd_ms"] / row["fwd_ms"]
+    row["fwd_bwd_speedup"] = reference["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+  if error is not None:
+    row["max_rel_err_fwd"] = error
+  return row
+
+
+def _relative_error(got, want):
+  got, want = got.astype(jnp.float32), want.astype(jnp.float32)
+  return float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+
+
+def bench_shape(shape, dtype, impl, sweep, iters, interpret=False):
+  """Rows of results for one shape: reference, kernel with default options, then the sweep."""
+  args = _inputs(shape, dtype)
+  cotangent = random_like(jax.random.key(1), args[0])
+  copy = copy_gbps(shape, dtype)
+  forward_s, total_s, want = _time_pair(mul_polynorm_reference, args, cotangent, iters)
+  reference = _row("reference", shape, dtype, forward_s, total_s, copy)
+  rows = [reference]
+  options = [("kernel", {})]
+  if sweep:
+    options += [(f"kernel r{r} c{c or 'row'} w{w}", dict(block_rows=r, block_cols=c, num_warps=w))
+                for r, c, w in GPU_SWEEP]
+  for name, kwargs in options:
+    fn = functools.partial(mul_polynorm, impl=impl, interpret=interpret, **kwargs)
+    try:
+      forward_s, total_s, got = _time_pair(fn, args, cotangent, iters)
+    except Exception as e:  # a tuning option the compiler rejects (registers, shared memory): report, go on
+      rows.append({"impl": name, "shape": list(shape), "error": f"{type(e).__name__}: {str(e)[:200]}"})
+      continue
+    rows.append(_row(name, shape, dtype, forward_s, total_s, copy, reference, _relative_error(got, want)))
+  return rows
+
+
+def _print_table(rows):
+  columns = [("impl", "{}"), ("shape", "{}"), ("fwd_ms", "{:.3f}"), ("fwd_bwd_ms", "{:.3f}"), ("bwd_ms", "{:.3f}"),
+             ("fwd_gbps", "{:.0f}"), ("fwd_bwd_gbps", "{:.0f}"), ("copy_gbps", "{:.0f}"),
+             ("fwd_bwd_pct_copy", "{:.1f}"), ("fwd_speedup", "{:.2f}"), ("fwd_bwd_speedup", "{:.2f}"),
+             ("max_rel_err_fwd", "{:.1e}")]
+  print(" | ".join(name for name, _ in columns))
+  for row in rows:
+    if "error" in row:
+      print(f"{row['impl']} | {row['shape']} | error: {row['error']}")
+      continue
+    print(" | ".join(fmt.format(row[name]) if name in row else "-" for name, fmt in columns))
+
+
+def main(argv):
+  parser = argparse.ArgumentParser(prog="bench/kernels.py polynorm")
+  parser.add_argument("--shapes", default="8192x16384,16384x8192", help="comma-separated ROWSxFEATURES")
+  parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--impl", default="auto", help="mul_polynorm impl for the kernel rows")
+  parser.add_argument("--sweep", action="store_true", help="also time the GPU tuning options in GPU_SWEEP")
+  parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--interpret", action="store_true", help="kernels in interpret mode (a CPU smoke run)")
+  args = parser.parse_args(argv)
+  dtype = jnp.dtype(args.dtype)
+  shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
+  print(f"backend {jax.default_backend()}, device {jax.devices()[0].device_kind}, jax {jax.__version__}")
+  rows = []
+  for shape in shapes:
+    rows += bench_shape(shape, dtype, args.impl, args.sweep, args.iters, args.interpret)
+  _print_table(rows)
+  if os.environ.get("OUT"):
+    path = os.path.join(os.environ["OUT"], "kernels_polynorm.json")
+    with open(path, "w") as f:
+      json.dump({"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+                 "jax": jax.__version__, "rows": rows}, f, indent=1)
+    print(f"wrote {path}")
