@@ -10,7 +10,6 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.12",
     packages=setuptools.find_packages(include=["motif_jax", "motif_jax.*", "pallas_kernels"]),
-    package_data={"motif_jax": ["gin/*.gin", "gin/**/*.gin"]},
     install_requires=[
         "jax>=0.11.2",
         "flax>=0.12.0",

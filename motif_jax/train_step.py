@@ -1,0 +1,104 @@
+"""The jitted training step: loss, gradient accumulation over micro-batches, clipping, update.
+
+The train state is a plain pytree `TrainState(step, params, opt_state, rng)`; the step is
+`jax.jit`-ed with explicit in/out shardings derived from the parameters' logical axes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from motif_jax.configs import ModelConfig
+
+BATCH_KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # int32 []
+  params: Any  # nested dict of arrays
+  opt_state: Any
+  rng: jax.Array  # uint32 [2]: raw key data, so checkpoints hold plain arrays
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                  z_loss_weight: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """Weighted sums of token losses (not means): returns (sum of loss, sum of weights).
+
+  logits: float32 [batch, seq, vocab]; targets: int32 [batch, seq]; weights: float32 [batch, seq].
+  With `z_loss_weight`, adds `z_loss_weight * logsumexp(logits)^2` per token.
+  """
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  token_loss = log_z - target_logit + z_loss_weight * jnp.square(log_z)
+  return jnp.sum(token_loss * weights), jnp.sum(weights)
+
+
+def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef,
+                    tx: optax.GradientTransformationExtraArgs, schedule: optax.Schedule, *,
+                    micro_batches: int = 1,
+                    z_loss_weight: float = 0.0) -> Callable:
+  """Builds `train_step(state, batch) -> (state, metrics)` (not yet jitted).
+
+  batch: dict of [global_batch, seq] arrays (`BATCH_KEYS`); rows are split into `micro_batches`
+  equal micro-batches whose gradients are summed before one optimizer update. The loss is the
+  token-weighted mean over the whole batch, so the result does not depend on `micro_batches`.
+  """
+
+  def summed_loss(params, micro):
+    model = nnx.merge(graphdef, params)
+    logits, aux = model(micro["inputs"], micro["positions"], micro["segment_ids"], return_aux=True)
+    loss_sum, weight_sum = cross_entropy(logits, micro["targets"], micro["loss_weights"],
+                                         z_loss_weight)
+    return loss_sum, (weight_sum, aux["max_logits"])
+
+  grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+
+  def train_step(state: TrainState, batch):
+    rows = batch["inputs"].shape[0]
+    micro = jax.tree.map(lambda x: x.reshape((micro_batches, rows // micro_batches) + x.shape[1:]),
+                         batch)
+
+    def accumulate(carry, micro_batch):
+      grads, loss_sum, weight_sum, max_logits = carry
+      (loss, (weight, logits_max)), micro_grads = grad_fn(state.params, micro_batch)
+      return (jax.tree.map(jnp.add, grads, micro_grads), loss_sum + loss, weight_sum + weight,
+              jnp.maximum(max_logits, logits_max)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    init_max = jnp.full((cfg.num_layers, cfg.num_kv_groups, cfg.signal_heads_per_group + 1),
+                        -jnp.inf, jnp.float32)
+    (grads, loss_sum, weight_sum, max_logits), _ = jax.lax.scan(
+        accumulate, (zeros, 0.0, 0.0, init_max), micro)
+    denominator = jnp.maximum(weight_sum, 1.0)
+    grads = jax.tree.map(lambda g: g / denominator, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, max_logits=max_logits)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss_sum / denominator,
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": schedule(state.step),
+        "tokens": weight_sum,
+        "max_logit": jnp.max(max_logits),
+        "max_logit_per_layer": jnp.max(max_logits, axis=(1, 2)),
+    }
+    new_rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+    return TrainState(state.step + 1, params, opt_state, new_rng), metrics
+
+  return train_step
+
+
+def state_shardings(tx: optax.GradientTransformation, abstract_params, param_shardings,
+                    mesh) -> TrainState:
+  """Shardings of every TrainState leaf: optimizer moments follow their parameter, the rest replicate."""
+  replicated = NamedSharding(mesh, P())
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, sharding: sharding, abstract_opt, param_shardings,
+      transform_non_params=lambda _: replicated)
+  return TrainState(replicated, param_shardings, opt_shardings, replicated)
