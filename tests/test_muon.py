@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 from motif_jax.configs import get_model_config
 from motif_jax.model import abstract_params, param_logical_axes
 from motif_jax.optim import describe_routing, muonclip, newton_schulz, ns_flops
-from motif_jax.optim.muon import ADAM, MUON, muon, routing_labels
+from motif_jax.optim.muon import ADAM, MUON, matrix_muon, routing_labels
 from motif_jax.optim.newton_schulz import resolve_coeffs
 from motif_jax.sharding import make_mesh, tree_shardings
 
@@ -169,7 +169,7 @@ def test_parallel_newton_schulz_runs_once_per_matrix(mesh_shape):
   """16 matrices of 256x512 on 8 devices: each device runs NS on 2 whole matrices, nothing more."""
   mesh = make_mesh(mesh_shape)
   axes = {"w": P("layers", "embed", "mlp")}
-  tx = muon(1e-3, logical_axes=axes, mesh=mesh)
+  tx = matrix_muon(1e-3, logical_axes=axes, mesh=mesh)
   params = {"w": jax.ShapeDtypeStruct((16, 256, 512), jnp.float32,
                                       sharding=tree_shardings(axes, mesh)["w"])}
   state = jax.eval_shape(tx.init, params)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from motif_jax.optim.muon import ADAM, MUON, describe_routing, muon, routing_labels
+from motif_jax.optim.muon import ADAM, MUON, describe_routing, matrix_muon, routing_labels
 from motif_jax.optim.newton_schulz import Coeffs, newton_schulz, ns_flops
 from motif_jax.optim.qk_clip import max_logit_per_layer, qk_clip
 from motif_jax.sharding import DEFAULT_RULES, Rules
@@ -36,9 +36,9 @@ def muonclip(learning_rate: optax.ScalarOrSchedule, *, logical_axes, num_kv_grou
   adam_wd = weight_decay if adam_weight_decay is None else adam_weight_decay
   route = optax.partition(
       {
-          MUON: muon(learning_rate, logical_axes=logical_axes, weight_decay=weight_decay,
-                     momentum=momentum, ns_steps=ns_steps, ns_coeffs=ns_coeffs, ns_dtype=ns_dtype,
-                     mesh=mesh, rules=rules),
+          MUON: matrix_muon(learning_rate, logical_axes=logical_axes, weight_decay=weight_decay,
+                            momentum=momentum, ns_steps=ns_steps, ns_coeffs=ns_coeffs,
+                            ns_dtype=ns_dtype, mesh=mesh, rules=rules),
           ADAM: optax.adamw(learning_rate if adam_learning_rate is None else adam_learning_rate,
                             b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=adam_wd),
       },

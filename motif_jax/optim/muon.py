@@ -218,10 +218,10 @@ def scale_by_matrix_rms(rms: float = RMS_SCALE) -> optax.GradientTransformation:
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
-def muon(learning_rate: optax.ScalarOrSchedule, *, logical_axes, weight_decay: float = 0.1,
-         momentum: float = 0.95, ns_steps: int = 5, ns_coeffs: Coeffs = "classic",
-         ns_dtype=jnp.bfloat16, mesh: Mesh | None = None,
-         rules: Rules = DEFAULT_RULES) -> optax.GradientTransformation:
+def matrix_muon(learning_rate: optax.ScalarOrSchedule, *, logical_axes, weight_decay: float = 0.1,
+                momentum: float = 0.95, ns_steps: int = 5, ns_coeffs: Coeffs = "classic",
+                ns_dtype=jnp.bfloat16, mesh: Mesh | None = None,
+                rules: Rules = DEFAULT_RULES) -> optax.GradientTransformation:
   """The full Muon update for Muon-routed leaves: `-lr * (0.2 sqrt(max(m,n)) NS(g') + wd * W)`."""
   return optax.chain(
       scale_by_muon(logical_axes, momentum=momentum, ns_steps=ns_steps, ns_coeffs=ns_coeffs,
