@@ -98,7 +98,8 @@ def state_shardings(tx: optax.GradientTransformation, abstract_params, param_sha
   """Shardings of every TrainState leaf: optimizer moments follow their parameter, the rest replicate."""
   replicated = NamedSharding(mesh, P())
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # leaves another branch of a partition owns
   opt_shardings = optax.tree_map_params(
-      tx, lambda _, sharding: sharding, abstract_opt, param_shardings,
-      transform_non_params=lambda _: replicated)
+      tx, lambda leaf, sharding: leaf if masked(leaf) else sharding, abstract_opt, param_shardings,
+      transform_non_params=lambda _: replicated, is_leaf=masked)
   return TrainState(replicated, param_shardings, opt_shardings, replicated)

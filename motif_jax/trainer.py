@@ -23,8 +23,12 @@ from absl import logging
 
 from motif_jax import checkpoint, configs, metrics, sharding
 from motif_jax.model import abstract_params, init_params, param_logical_axes
-from motif_jax.optim import schedules  # noqa: F401  (registers the schedules with gin)
+from motif_jax import optim
+from motif_jax.optim import schedules
 from motif_jax.train_step import BATCH_KEYS, TrainState, make_train_step, state_shardings
+
+muonclip = gin.external_configurable(optim.muonclip, "muonclip")
+
 
 @gin.configurable
 def adamw(learning_rate: optax.Schedule, *, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
@@ -86,7 +90,10 @@ def train(workdir: str, *,
   logical_axes = param_logical_axes(cfg)
   tx = optimizer(lr, logical_axes=logical_axes, num_kv_groups=cfg.num_kv_groups,
                  signal_heads_per_group=cfg.signal_heads_per_group, head_dim=cfg.head_dim,
-                 mesh=mesh)
+                 mesh=mesh, rules=rules)
+  if jax.process_index() == 0:
+    print(f"optimizer {getattr(optimizer, '__name__', optimizer)}; parameter routing:\n"
+          f"{optim.describe_routing(abstract_params(cfg), logical_axes)}", flush=True)
   if grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
 
@@ -183,25 +190,30 @@ class _Reporter:
     if self._last_step is not None:  # the first logged interval includes compilation
       self._step_times.append((now - self._last_time) / (step - self._last_step))
     self._last_time, self._last_step = now, step
-    step_time = float(np.median(self._step_times)) if self._step_times else float("nan")
+    step_time = float(np.median(self._step_times)) if self._step_times else None
     record = {
         "train/loss": float(values["loss"]),
         "train/grad_norm": float(values["grad_norm"]),
         "train/learning_rate": float(values["learning_rate"]),
         "train/max_attention_logit": float(values["max_logit"]),
-        "throughput/step_time_s": step_time,
-        "throughput/tokens_per_s": self.tokens_per_step / step_time,
     }
     for layer, value in enumerate(np.asarray(values["max_logit_per_layer"])):
       record[f"attention/max_logit_layer_{layer:02d}"] = float(value)
-    mfu = self.flops_per_step / step_time / self.peak_total if self.peak_total else float("nan")
-    record["throughput/mfu"] = mfu
-    eta = metrics.format_duration((self.num_steps - step) * step_time) if step_time == step_time else "?"
     line = (f"step {step:6d} | loss {record['train/loss']:.4f} | grad_norm "
             f"{record['train/grad_norm']:.3f} | lr {record['train/learning_rate']:.2e} | "
-            f"tokens/s {record['throughput/tokens_per_s']:,.0f} | step {step_time * 1e3:.1f} ms | "
-            f"mfu {'n/a' if mfu != mfu else f'{100 * mfu:.1f}%'} (flops={metrics.FLOP_CONVENTION}) | "
-            f"max_logit {record['train/max_attention_logit']:.2f} | eta {eta}")
+            f"max_logit {record['train/max_attention_logit']:.2f}")
+    if step_time is None:
+      line += " | timing from the next log step (this interval includes compilation)"
+    else:
+      record["throughput/step_time_s"] = step_time
+      record["throughput/tokens_per_s"] = self.tokens_per_step / step_time
+      line += (f" | tokens/s {record['throughput/tokens_per_s']:,.0f} | step {step_time * 1e3:.1f} ms")
+      if self.peak_total:
+        record["throughput/mfu"] = self.flops_per_step / step_time / self.peak_total
+        line += f" | mfu {100 * record['throughput/mfu']:.1f}% (flops={metrics.FLOP_CONVENTION})"
+      else:
+        line += " | mfu n/a (no known peak for this device; set train.peak_tflops_per_device)"
+      line += f" | eta {metrics.format_duration((self.num_steps - step) * step_time)}"
     self.history.append({"step": step, **record})
     if self.writer:
       self.writer.write(step, record, console=line)

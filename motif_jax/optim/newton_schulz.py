@@ -76,6 +76,9 @@ def newton_schulz(x: jax.Array, *, steps: int = 5, coeffs: Coeffs = "classic",
   x = (x32 / (norm + NORM_EPS)).astype(dtype)
 
   def mm(lhs, rhs, spec):
+    if jax.default_backend() == "cpu":
+      # XLA:CPU cannot run some bf16 x bf16 -> f32 dots; the upcast operands give the same products.
+      lhs, rhs = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
     return jnp.einsum(spec, lhs, rhs, preferred_element_type=jnp.float32)
 
   for a, b, c in table:
