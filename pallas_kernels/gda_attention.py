@@ -80,8 +80,9 @@ class GdaOutput(NamedTuple):
 
 
 def gda_attention(q_signal, q_noise, k_signal, k_noise, value, *, segment_ids=None, causal=True,
-                  scale=None, impl="auto", block_q=None, block_k=None, block_q_bwd=None,
-                  block_k_bwd=None, num_warps=None, num_stages=None, interpret=None) -> GdaOutput:
+                  scale=None, impl="auto", block_q=None, block_k=None, block_q_dq=None,
+                  block_k_dq=None, block_q_dkv=None, block_k_dkv=None, num_warps=None,
+                  num_stages=None, interpret=None) -> GdaOutput:
   """Grouped Differential Attention: both softmax maps of every KV group against the shared value.
 
   Args:
@@ -95,10 +96,12 @@ def gda_attention(q_signal, q_noise, k_signal, k_noise, value, *, segment_ids=No
     scale: logit scale; default 1 / sqrt(D).
     impl: "auto" | "reference" | "pallas_tpu" | "pallas_gpu" | "cudnn" (see the module docstring).
     block_q, block_k: forward tile sizes along queries and keys (kernels only). T need not divide
-      them: it is padded inside and the padding masked. Defaults: 128 x 128 (TPU), 128 x 64 (GPU).
-    block_q_bwd, block_k_bwd: backward tiles; default 64 x 64 on GPU, the forward ones on TPU.
-    num_warps, num_stages: Triton launch settings for "pallas_gpu" (default 4 warps per 64 query
-      rows, 2 stages).
+      them: it is padded inside and the padding masked. Default 128 x 128.
+    block_q_dq, block_k_dq: dq kernel tiles (query rows per program, keys per step);
+      block_q_dkv, block_k_dkv: dk/dv kernel tiles (queries per step, key rows per program).
+      Defaults: GPU 64 x 32 and 64 x 32, TPU the forward tiles.
+    num_warps, num_stages: Triton launch settings for every "pallas_gpu" kernel (default: 8 warps
+      for kernels whose float32 accumulator tile has >= 128 x 128 elements, else 4; 2 stages).
     interpret: run the Pallas kernels in interpret mode. Default: on when the backend does not match
       the kernel (TPU kernel -> `pltpu.InterpretParams()`, GPU kernel -> `True`).
 
@@ -124,14 +127,16 @@ def gda_attention(q_signal, q_noise, k_signal, k_noise, value, *, segment_ids=No
     backend_matches = jax.default_backend() == ("tpu" if on_tpu else "gpu")
     interpret = False if backend_matches else (pltpu.InterpretParams() if on_tpu else True)
   block_q = block_q or 128
-  block_k = block_k or (128 if on_tpu else 64)
-  block_q_bwd = block_q_bwd or (block_q if on_tpu else 64)
-  block_k_bwd = block_k_bwd or (block_k if on_tpu else 64)
+  block_k = block_k or 128
+  blocks = dict(block_q=block_q, block_k=block_k,
+                block_q_dq=block_q_dq or (block_q if on_tpu else 64),
+                block_k_dq=block_k_dq or (block_k if on_tpu else 32),
+                block_q_dkv=block_q_dkv or (block_q if on_tpu else 64),
+                block_k_dkv=block_k_dkv or (block_k if on_tpu else 32))
   if not on_tpu:
-    _check_gpu_sizes(head_dim, value.shape[-1], block_q, block_k, block_q_bwd, block_k_bwd)
-  padded_len = _round_up(seq_len, math.lcm(block_q, block_k, block_q_bwd, block_k_bwd))
-  cfg = _MapConfig(impl=impl, causal=causal, scale=scale, kv_len=seq_len, block_q=block_q,
-                   block_k=block_k, block_q_bwd=block_q_bwd, block_k_bwd=block_k_bwd,
+    _check_gpu_sizes(head_dim, value.shape[-1], *blocks.values())
+  padded_len = _round_up(seq_len, math.lcm(*blocks.values()))
+  cfg = _MapConfig(impl=impl, causal=causal, scale=scale, kv_len=seq_len, **blocks,
                    num_warps=num_warps, num_stages=num_stages or 2, interpret=interpret)
 
   pad = padded_len - seq_len
@@ -240,8 +245,10 @@ class _MapConfig:
   kv_len: int
   block_q: int
   block_k: int
-  block_q_bwd: int
-  block_k_bwd: int
+  block_q_dq: int
+  block_k_dq: int
+  block_q_dkv: int
+  block_k_dkv: int
   num_warps: int | None
   num_stages: int
   interpret: Any
@@ -374,7 +381,7 @@ def _gpu_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg, 
   """q_ref [bq, D]; k_ref [T, D]; v_ref [T, E]; do_ref [bq, E]; lse_ref, delta_ref [bq]; optional
   seg_ref [T]; output dq_ref [bq, D]."""
   seg_ref, (dq_ref,) = _split_segment_ref(refs, 1)
-  block_q, block_k = cfg.block_q_bwd, cfg.block_k_bwd
+  block_q, block_k = cfg.block_q_dq, cfg.block_k_dq
   q_block = pl.num_programs(0) - 1 - pl.program_id(0)
   q_start = q_block * block_q
   q, d_out = q_ref[...], do_ref[...]
@@ -413,7 +420,7 @@ def _gpu_dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg
   """q_ref [T, H, D]; k_ref [bk, D]; v_ref [bk, E]; do_ref [T, H, E]; lse_ref, delta_ref [H, T];
   optional seg_ref [T]; outputs dk_ref [bk, D], dv_ref [bk, E], summed over the H heads."""
   seg_ref, (dk_ref, dv_ref) = _split_segment_ref(refs, 2)
-  block_q, block_k = cfg.block_q_bwd, cfg.block_k_bwd
+  block_q, block_k = cfg.block_q_dkv, cfg.block_k_dkv
   k_start = pl.program_id(0) * block_k
   k, v = k_ref[...], v_ref[...]
   k_seg = None if seg_ref is None else seg_ref[pl.ds(k_start, block_k)][:, None]
@@ -465,8 +472,8 @@ def _split_segment_ref(refs, num_outputs):
   return refs[0], refs[1:]
 
 
-def _gpu_params(cfg, rows):
-  num_warps = cfg.num_warps or max(4, min(8, rows // 16))
+def _gpu_params(cfg, accumulator_elements):
+  num_warps = cfg.num_warps or (8 if accumulator_elements >= 128 * 128 else 4)
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages)
 
 
@@ -500,14 +507,15 @@ def _gpu_forward(cfg, q, k, v, segment_ids):
       kernel, grid=(num_q_blocks, batch, groups * heads), in_specs=in_specs,
       out_specs=[pl.BlockSpec((None, block_q, None, None, width), q_index), stat_spec, stat_spec],
       out_shape=[jax.ShapeDtypeStruct(q.shape[:-1] + (width,), q.dtype), stat_shape, stat_shape],
-      compiler_params=_gpu_params(cfg, block_q), interpret=cfg.interpret, name="gda_forward",
+      compiler_params=_gpu_params(cfg, block_q * width), interpret=cfg.interpret,
+      name="gda_forward",
   )(*args)
 
 
 def _gpu_backward(cfg, q, k, v, segment_ids, d_out, lse, delta):
   batch, seq_len, groups, heads, head_dim = q.shape
   width = v.shape[-1]
-  block_q, block_k = cfg.block_q_bwd, cfg.block_k_bwd
+  block_q, block_k = cfg.block_q_dq, cfg.block_k_dkv  # the rows each program owns
   num_q_blocks = seq_len // block_q
   kv_len = _padding_kv_len(cfg, seq_len)
   seg_args = [] if segment_ids is None else [segment_ids]
@@ -533,7 +541,8 @@ def _gpu_backward(cfg, q, k, v, segment_ids, d_out, lse, delta):
       grid=(num_q_blocks, batch, groups * heads), in_specs=dq_specs,
       out_specs=pl.BlockSpec((None, block_q, None, None, head_dim), q_index),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_gpu_params(cfg, block_q), interpret=cfg.interpret, name="gda_backward_dq",
+      compiler_params=_gpu_params(cfg, block_q * head_dim), interpret=cfg.interpret,
+      name="gda_backward_dq",
   )(q, k, v, d_out, lse, delta, *seg_args)
 
   def whole_q(j, b, g):
@@ -558,7 +567,8 @@ def _gpu_backward(cfg, q, k, v, segment_ids, d_out, lse, delta):
       out_specs=[pl.BlockSpec((None, block_k, None, head_dim), key_block),
                  pl.BlockSpec((None, block_k, None, width), key_block)],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_gpu_params(cfg, block_k), interpret=cfg.interpret, name="gda_backward_dkdv",
+      compiler_params=_gpu_params(cfg, block_k * (head_dim + width)),
+      interpret=cfg.interpret, name="gda_backward_dkdv",
   )(q, k, v, d_out, lse, delta, *seg_args)
   return dq, dk, dv
 
@@ -615,7 +625,7 @@ def _tpu_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg, 
   """q_ref [bq, D]; k_ref [bk, D]; v_ref [bk, E]; do_ref [bq, E]; lse_ref, delta_ref [bq, 1]; optional
   segment refs; output dq_ref [bq, D]; scratch dq_acc [bq, D]."""
   q_seg_ref, k_seg_ref, (dq_ref, dq_acc) = _split_tpu_refs(refs, 2)
-  block_q, block_k = cfg.block_q_bwd, cfg.block_k_bwd
+  block_q, block_k = cfg.block_q_dq, cfg.block_k_dq
   q_block, k_block = pl.program_id(3), pl.program_id(4)
 
   @pl.when(k_block == 0)
@@ -641,7 +651,7 @@ def _tpu_dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg
   do_ref [bq, E]; lse_ref, delta_ref [bq, 1]; optional segment refs; outputs dk_ref [bk, D],
   dv_ref [bk, E], summed over heads and query blocks in scratch dk_acc, dv_acc."""
   q_seg_ref, k_seg_ref, (dk_ref, dv_ref, dk_acc, dv_acc) = _split_tpu_refs(refs, 4)
-  block_q, block_k = cfg.block_q_bwd, cfg.block_k_bwd
+  block_q, block_k = cfg.block_q_dkv, cfg.block_k_dkv
   k_block, head, q_block = pl.program_id(2), pl.program_id(3), pl.program_id(4)
 
   @pl.when((head == 0) & (q_block == 0))
@@ -701,14 +711,14 @@ def _tpu_last_visible_k(cfg, q_block, block_q, k_block, block_k):
   """Key block to fetch at grid step k_block: past the diagonal, repeat the last visible one."""
   if not cfg.causal:
     return k_block
-  return jnp.minimum(k_block, (q_block * block_q + block_q - 1) // block_k)
+  return jnp.minimum(k_block, lax.div(q_block * block_q + block_q - 1, block_k))
 
 
 def _tpu_first_visible_q(cfg, q_block, block_q, k_block, block_k):
   """Query block to fetch at grid step q_block: before the diagonal, the first visible one."""
   if not cfg.causal:
     return q_block
-  return jnp.maximum(q_block, (k_block * block_k) // block_q)
+  return jnp.maximum(q_block, lax.div(k_block * block_k, block_q))
 
 
 def _tpu_forward(cfg, q, k, v, segment_ids):
@@ -745,14 +755,17 @@ def _tpu_forward(cfg, q, k, v, segment_ids):
 
 
 def _tpu_backward(cfg, q, k, v, segment_ids, d_out, lse, delta):
+  args = (q, k, v, d_out, lse[..., None], delta[..., None])
+  return (_tpu_dq(cfg, segment_ids, *args),) + _tpu_dkdv(cfg, segment_ids, *args)
+
+
+def _tpu_dq(cfg, segment_ids, q, k, v, d_out, lse, delta):
+  """dq with grid (B, G, H, query block, key block)."""
   batch, groups, heads, seq_len, head_dim = q.shape
   width = v.shape[-1]
-  block_q, block_k = cfg.block_q_bwd, cfg.block_k_bwd
+  block_q, block_k = cfg.block_q_dq, cfg.block_k_dq
   kv_len = _padding_kv_len(cfg, seq_len)
-  lse, delta = lse[..., None], delta[..., None]
-  num_q_blocks, num_k_blocks = seq_len // block_q, seq_len // block_k
 
-  # dq: grid (B, G, H, query block, key block).
   def dq_k(b, g, h, i, j):
     return _tpu_last_visible_k(cfg, i, block_q, j, block_k)
 
@@ -764,9 +777,9 @@ def _tpu_backward(cfg, q, k, v, segment_ids, d_out, lse, delta):
 
   seg_args, seg_specs = _tpu_segment_args(segment_ids, block_q, block_k,
                                           lambda b, g, h, i, j: i, dq_k)
-  dq = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(_tpu_dq_kernel, cfg=cfg, kv_len=kv_len),
-      grid=(batch, groups, heads, num_q_blocks, num_k_blocks),
+      grid=(batch, groups, heads, seq_len // block_q, seq_len // block_k),
       in_specs=[q_tile(head_dim), k_tile(head_dim), k_tile(width), q_tile(width), q_tile(1),
                 q_tile(1)] + seg_specs,
       out_specs=q_tile(head_dim),
@@ -777,7 +790,14 @@ def _tpu_backward(cfg, q, k, v, segment_ids, d_out, lse, delta):
       interpret=cfg.interpret, name="gda_backward_dq",
   )(q, k, v, d_out, lse, delta, *seg_args)
 
-  # dk, dv: grid (B, G, key block, head, query block); heads and query blocks are reduced.
+
+def _tpu_dkdv(cfg, segment_ids, q, k, v, d_out, lse, delta):
+  """(dk, dv) with grid (B, G, key block, head, query block): heads and query blocks reduced."""
+  batch, groups, heads, seq_len, head_dim = q.shape
+  width = v.shape[-1]
+  block_q, block_k = cfg.block_q_dkv, cfg.block_k_dkv
+  kv_len = _padding_kv_len(cfg, seq_len)
+
   def dkdv_q(b, g, j, h, i):
     return _tpu_first_visible_q(cfg, i, block_q, j, block_k)
 
@@ -792,7 +812,7 @@ def _tpu_backward(cfg, q, k, v, segment_ids, d_out, lse, delta):
                                           lambda b, g, j, h, i: j)
   dk, dv = pl.pallas_call(
       functools.partial(_tpu_dkdv_kernel, cfg=cfg, kv_len=kv_len),
-      grid=(batch, groups, num_k_blocks, heads, num_q_blocks),
+      grid=(batch, groups, seq_len // block_k, heads, seq_len // block_q),
       in_specs=[q_tile_t(head_dim), k_tile_t(head_dim), k_tile_t(width), q_tile_t(width),
                 q_tile_t(1), q_tile_t(1)] + seg_specs,
       out_specs=[k_tile_t(head_dim), k_tile_t(width)],
@@ -803,7 +823,7 @@ def _tpu_backward(cfg, q, k, v, segment_ids, d_out, lse, delta):
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
       interpret=cfg.interpret, name="gda_backward_dkdv",
   )(q, k, v, d_out, lse, delta, *seg_args)
-  return dq, dk, dv
+  return dk, dv
 
 
 # ----------------------------------------------------------------------------------------------------
