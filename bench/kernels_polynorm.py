@@ -8,7 +8,7 @@ cotangent) of the kernel and of the reference, in one run. Achieved GB/s counts 
 forward reads gate and up and writes out (3 arrays); backward reads gate, up and the cotangent and writes dgate
 and dup (5 arrays); forward+backward is their sum (8 arrays). The ceiling is `copy_gbps` (an XLA `x * 2`,
 read + write) at the same shape and dtype, measured in the same run. --sweep also times GPU tuning options
-(block_rows, block_cols, num_warps). Prints a table; writes JSON to $OUT/kernels_polynorm.json when OUT is set.
+(block_cols, num_warps). Prints a table; writes JSON to $OUT/kernels_polynorm.json when OUT is set.
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ import jax
 import jax.numpy as jnp
 
 from bench.timing import copy_gbps, median_seconds, random_like
-from pallas_kernels.polynorm import mul_polynorm, mul_polynorm_reference
+from pallas_kernels.polynorm import mul_polynorm, mul_polynorm_reference, mul_polynorm_sharded
 
-# (block_rows, block_cols, num_warps); None block_cols means the whole (padded) row in one chunk.
-GPU_SWEEP = [(1, 1024, 4), (1, 2048, 4), (1, 2048, 8), (1, 4096, 8), (1, 4096, 16), (1, 8192, 16),
-             (1, None, 16), (1, None, 32)]
+# GPU tuning options (block_cols, num_warps); block_cols 0 means the whole row in one chunk.
+GPU_SWEEP = [(1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (0, 16), (0, 32)]
 
 
 def _inputs(shape, dtype, seed=0):
@@ -78,19 +77,22 @@ def _relative_error(got, want):
 
 
 def bench_shape(shape, dtype, impl, sweep, iters, interpret=False):
-  """Rows of results for one shape: reference, kernel with default options, then the sweep."""
+  """Rows of results for one shape: reference, kernel with default options, the split kernels of the sharded
+  path (on a one-device mesh: statistics kernel, then apply kernel, in each pass), then the sweep."""
   args = _inputs(shape, dtype)
   cotangent = random_like(jax.random.key(1), args[0])
   copy = copy_gbps(shape, dtype)
   forward_s, total_s, want = _time_pair(mul_polynorm_reference, args, cotangent, iters)
   reference = _row("reference", shape, dtype, forward_s, total_s, copy)
   rows = [reference]
-  options = [("kernel", {})]
+  one_device = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1],
+                             axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  options = [("kernel", mul_polynorm, {}), ("split kernels", mul_polynorm_sharded, {"mesh": one_device})]
   if sweep:
-    options += [(f"kernel r{r} c{c or 'row'} w{w}", dict(block_rows=r, block_cols=c, num_warps=w))
-                for r, c, w in GPU_SWEEP]
-  for name, kwargs in options:
-    fn = functools.partial(mul_polynorm, impl=impl, interpret=interpret, **kwargs)
+    options += [(f"kernel c{c or 'row'} w{w}", mul_polynorm, dict(block_cols=c or shape[1], num_warps=w))
+                for c, w in GPU_SWEEP]
+  for name, function, kwargs in options:
+    fn = functools.partial(function, impl=impl, interpret=interpret, **kwargs)
     try:
       forward_s, total_s, got = _time_pair(fn, args, cotangent, iters)
     except Exception as e:  # a tuning option the compiler rejects (registers, shared memory): report, go on

@@ -5,7 +5,7 @@
 computed in float32 (the `* up` product too) and cast to the input dtype once (SPEC.md section 3).
 
 Inside the kernels the polynomial is indexed by power k = 0..3 of z:
-  * coef [1, 4] = (b, w2, w1, w0), the coefficient of z^k;
+  * coef [4] = (b, w2, w1, w0), the coefficient of z^k;
   * row statistics are [rows, 4] float32, column k for power k:
       power sums  s_k = sum_f (z^k)^2              (column 0 unused, 0)
       inv_rms     r_k = 1 / sqrt(s_k / F + eps)    (r_0 = 1: the bias is not normalised)
@@ -65,63 +65,55 @@ def mul_polynorm_reference(gate, up, weight, bias, *, eps: float = 1e-6):
   return (poly * up.astype(jnp.float32)).astype(gate.dtype)
 
 
-# ------------------------------------------------ row math, shared by both kernels (all float32, 2-D blocks)
-# z, dp: [n, f] (a block of n rows, f features of the row or a chunk of it); stats: [n, 4]; power_ids: [1, 4].
-
-
-def _column(stats, k, power_ids):
-  """[n, 4] -> [n, 1], column k (a select and a sum: the kernels cannot slice vectors)."""
-  return jnp.sum(jnp.where(power_ids == k, stats, 0.0), axis=1, keepdims=True)
-
-
-def _stack(columns, power_ids):
-  """Four [n, 1] columns (None for zero) -> [n, 4]."""
-  return sum(jnp.where(power_ids == k, col, 0.0) for k, col in enumerate(columns) if col is not None)
+# ------------------------------------------------- row math, shared by both kernels (all float32)
+# z, dp: a block of rows of the features, or a chunk of them: [n, f] on TPU, [f] (one row) on GPU. A row
+# statistic is a tuple of four per-row columns, k = 0..3: [n, 1] arrays on TPU, scalars on GPU.
 
 
 def _row_sum(x):
-  return jnp.sum(x, axis=1, keepdims=True)
+  """Sum over the features: [n, f] -> [n, 1]; [f] -> scalar."""
+  return jnp.sum(x, axis=-1, keepdims=x.ndim == 2)
 
 
-def _power_sums(z, power_ids):
-  """[n, f] -> [n, 4]: column k = sum (z^k)^2 over the f features, k = 1..3; column 0 = 0."""
+def _power_terms(z):
+  """(z^k)^2 for k = 1..3; their row sums are the power sums s_1..s_3."""
   z2 = z * z
   z4 = z2 * z2
-  return _stack((None, _row_sum(z2), _row_sum(z4), _row_sum(z4 * z2)), power_ids)
+  return z2, z4, z4 * z2
 
 
-def _inv_rms(power_sums, features: int, eps: float, power_ids):
-  """[n, 4] full-row power sums -> [n, 4] inverse RMS of z^k over `features`; column 0 = 1."""
-  return jnp.where(power_ids == 0, 1.0, lax.rsqrt(power_sums * (1.0 / features) + eps))
+def _power_sums(s1, s2, s3):
+  """The four power-sum columns; column 0 is 0."""
+  return jnp.zeros_like(s1), s1, s2, s3
 
 
-def _grad_sums(z, dp, power_ids):
-  """[n, f] x2 -> [n, 4]: column k = sum dp * z^k over the f features."""
+def _inv_rms(s1, s2, s3, features: int, eps: float):
+  """Full-row power sums -> inverse RMS of z^k over `features`; column 0 is 1 (the bias is not normalised)."""
+  return (jnp.ones_like(s1), *(lax.rsqrt(s * (1.0 / features) + eps) for s in (s1, s2, s3)))
+
+
+def _grad_terms(z, dp):
+  """dp * z^k for k = 0..3; their row sums are the grad sums c_0..c_3."""
   dpz = dp * z
   dpz2 = dpz * z
-  return _stack((_row_sum(dp), _row_sum(dpz), _row_sum(dpz2), _row_sum(dpz2 * z)), power_ids)
-
-
-def _columns(stats, power_ids):
-  """[n, 4] -> the four [n, 1] columns."""
-  return tuple(_column(stats, k, power_ids) for k in range(NUM_POWERS))
+  return dp, dpz, dpz2, dpz2 * z
 
 
 def _polynomial(z, scale):
-  """sum_k scale_k z^k (Horner); z [n, f], scale: four [n, 1] columns -> [n, f]."""
+  """sum_k scale_k z^k (Horner), scale_k = coef_k r_k."""
   s0, s1, s2, s3 = scale
   return s0 + z * (s1 + z * (s2 + z * s3))
 
 
-def _grad_coefficients(coef, inv_rms, grad_sums, features: int, power_ids):
-  """coef [1, 4], inv_rms and full-row grad_sums [n, 4] -> columns a_k = coef_k r_k and a_k e_k, where
-  e_k = r_k^2 c_k / F."""
-  scale = coef * inv_rms
-  return _columns(scale, power_ids), _columns(scale * inv_rms * inv_rms * grad_sums * (1.0 / features), power_ids)
+def _grad_coefficients(coef, inv_rms, grad_sums, features: int):
+  """-> columns a_k = coef_k r_k and a_k e_k with e_k = r_k^2 c_k / F (c: full-row grad sums)."""
+  scale = tuple(c * r for c, r in zip(coef, inv_rms))
+  scale_e = tuple(a * r * r * c * (1.0 / features) for a, r, c in zip(scale, inv_rms, grad_sums))
+  return scale, scale_e
 
 
 def _polynomial_grad(z, dp, scale, scale_e):
-  """d loss / d z for out = up * PolyNorm(z), given dp = dout * up [n, f] and the `_grad_coefficients` columns.
+  """d loss / d z for out = up * PolyNorm(z), given dp = dout * up and the `_grad_coefficients` columns.
 
   dz = sum_k k a_k z^(k-1) (dp - e_k z^k), expanded in z:
   dz = dp (a1 + 2 a2 z + 3 a3 z^2) - z (a1 e1 + 2 a2 e2 z^2 + 3 a3 e3 z^4).
@@ -133,9 +125,9 @@ def _polynomial_grad(z, dp, scale, scale_e):
 
 
 # ---------------------------------------------------------------------------- how a kernel sees its rows
-# A kernel handles one block of rows, in `num_chunks` chunks of columns. Arrays are [rows, features] (gate, up,
-# dout, out, dgate, dup), [rows, 4] row statistics, or coef [1, 4]. `_call` gives each kernel trace a fresh
-# view; with a single chunk the view reads each input once and serves both passes from it.
+# A kernel handles its rows in `num_chunks` chunks of features. Arrays are [rows, features] (gate, up, dout,
+# out, dgate, dup), row statistics [rows, 4] (read and written as four columns), or coef [4]. `_call` gives
+# each kernel trace a fresh view; with a single chunk the view reads each input once for both passes.
 
 
 class _View:
@@ -147,7 +139,7 @@ class _View:
     self._loaded = {}
 
   def load(self, ref, chunk):
-    """ref's chunk `chunk` in float32 [n, f]; with one chunk, read once per kernel."""
+    """ref's chunk `chunk` in float32; with one chunk, read once per kernel."""
     if self.num_chunks > 1:
       return self._load(ref, chunk).astype(jnp.float32)
     if id(ref) not in self._loaded:
@@ -156,9 +148,11 @@ class _View:
 
 
 class _TpuBlock(_View):
-  """Mosaic TPU: the BlockSpecs bring a [block_rows, features] block into VMEM; one chunk, the full row."""
+  """Mosaic TPU: the BlockSpecs bring a [block_rows, features] block into VMEM; one chunk, the full row.
+  Row statistics are [block_rows, 4] blocks, split into columns with a select and a lane sum."""
 
-  def power_ids(self):
+  @staticmethod
+  def _power_ids():
     return lax.broadcasted_iota(jnp.int32, (1, NUM_POWERS), 1)
 
   def _load(self, ref, chunk):
@@ -170,69 +164,55 @@ class _TpuBlock(_View):
     ref[...] = value.astype(ref.dtype)
 
   def load_stats(self, ref):
-    return ref[...]
+    stats, power_ids = ref[...], self._power_ids()
+    return tuple(jnp.sum(jnp.where(power_ids == k, stats, 0.0), axis=1, keepdims=True) for k in range(NUM_POWERS))
 
-  def store_stats(self, ref, value):
-    ref[...] = value
+  def store_stats(self, ref, columns):
+    power_ids = self._power_ids()
+    ref[...] = sum(jnp.where(power_ids == k, col, 0.0) for k, col in enumerate(columns))
 
 
-class _GpuRows(_View):
-  """Triton: refs are whole arrays; program i takes rows [i*block_rows, (i+1)*block_rows) and walks the
-  features in chunks of block_cols (powers of two), masking the ragged row block and feature chunk."""
+class _GpuRow(_View):
+  """Triton: refs are whole arrays; program i takes row i and walks its features in chunks of block_cols (a
+  power of two), masking the ragged last chunk. Row statistics are scalars."""
 
-  def __init__(self, rows: int, features: int, block_rows: int, block_cols: int, first_row=None):
+  def __init__(self, features: int, block_cols: int, row=None):
     super().__init__()
-    self.rows, self.features, self.block_rows, self.block_cols = rows, features, block_rows, block_cols
+    self.features, self.block_cols, self.row = features, block_cols, row
     self.num_chunks = pl.cdiv(features, block_cols)
-    self.first_row = first_row
 
   def for_program(self):
     """A copy for this program (program_id is read at the kernel's top level, outside any loop)."""
-    return _GpuRows(self.rows, self.features, self.block_rows, self.block_cols,
-                    first_row=pl.program_id(0) * self.block_rows)
+    return _GpuRow(self.features, self.block_cols, row=pl.program_id(0))
 
-  def power_ids(self):
-    return jnp.arange(NUM_POWERS)[None, :]
-
-  def _indices(self, chunk, width, num_cols):
-    """Row and column indices [block_rows, 1], [1, width] and the in-bounds mask (None when all are)."""
-    row_ids = self.first_row + jnp.arange(self.block_rows)[:, None]
-    col_ids = chunk * width + jnp.arange(width)[None, :]
-    mask = None
-    if self.rows % self.block_rows:
-      mask = jnp.broadcast_to(row_ids < self.rows, (self.block_rows, width))
-    if num_cols % width:
-      col_mask = jnp.broadcast_to(col_ids < num_cols, (self.block_rows, width))
-      mask = col_mask if mask is None else mask & col_mask
-    return row_ids, col_ids, mask
+  def _columns(self, chunk):
+    cols = chunk * self.block_cols + jnp.arange(self.block_cols)
+    return cols, (cols < self.features if self.features % self.block_cols else None)
 
   def _load(self, ref, chunk):
-    rows, cols, mask = self._indices(chunk, self.block_cols, self.features)
-    return _masked_load(ref.at[rows, cols], mask)
+    cols, mask = self._columns(chunk)
+    if mask is None:
+      return plgpu.load(ref.at[self.row, cols])
+    return plgpu.load(ref.at[self.row, cols], mask=mask, other=0.0)
 
   def store(self, ref, chunk, value):
-    rows, cols, mask = self._indices(chunk, self.block_cols, self.features)
-    plgpu.store(ref.at[rows, cols], value.astype(ref.dtype), mask=mask)
+    cols, mask = self._columns(chunk)
+    plgpu.store(ref.at[self.row, cols], value.astype(ref.dtype), mask=mask)
 
   def load_stats(self, ref):
-    rows, cols, mask = self._indices(0, NUM_POWERS, NUM_POWERS)
-    return _masked_load(ref.at[rows, cols], mask)
+    return tuple(ref[self.row, k] for k in range(NUM_POWERS))
 
-  def store_stats(self, ref, value):
-    rows, cols, mask = self._indices(0, NUM_POWERS, NUM_POWERS)
-    plgpu.store(ref.at[rows, cols], value, mask=mask)
-
-
-def _masked_load(ref, mask):
-  """Triton load, zeros where mask is False (mask None: all in bounds)."""
-  return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0.0)
+  def store_stats(self, ref, columns):
+    for k, col in enumerate(columns):
+      ref[self.row, k] = col
 
 
-def _sum_chunks(view, fn):
-  """sum over chunks j of fn(j) -> [n, 4]."""
-  if view.num_chunks == 1:
-    return fn(0)
-  return lax.fori_loop(1, view.num_chunks, lambda j, acc: acc + fn(j), fn(0))
+def _row_sums(view, fn):
+  """Row sums of the terms fn(j) over all chunks j (summed elementwise across chunks, reduced once)."""
+  terms = fn(0)
+  if view.num_chunks > 1:
+    terms = lax.fori_loop(1, view.num_chunks, lambda j, acc: tuple(a + t for a, t in zip(acc, fn(j))), terms)
+  return tuple(_row_sum(t) for t in terms)
 
 
 def _for_chunks(view, fn):
@@ -251,10 +231,14 @@ def _for_chunks(view, fn):
 # ---------------------------------------------------------------------------------------------- kernels
 
 
+def _coef_columns(coef_ref):
+  """coef [4] (SMEM on TPU) -> four scalars."""
+  return tuple(coef_ref[k] for k in range(NUM_POWERS))
+
+
 def _power_sums_kernel(gate_ref, sums_ref, *, view):
   """Partial (over this device's features) power sums of each row -> sums [rows, 4]."""
-  power_ids = view.power_ids()
-  view.store_stats(sums_ref, _sum_chunks(view, lambda j: _power_sums(view.load(gate_ref, j), power_ids)))
+  view.store_stats(sums_ref, _power_sums(*_row_sums(view, lambda j: _power_terms(view.load(gate_ref, j)))))
 
 
 def _forward_kernel(coef_ref, gate_ref, up_ref, *refs, view, features, eps, fused):
@@ -263,16 +247,14 @@ def _forward_kernel(coef_ref, gate_ref, up_ref, *refs, view, features, eps, fuse
   fused: refs = (out, inv_rms); the row statistics are computed here (the row is complete) and stored.
   else:  refs = (inv_rms, out); inv_rms [rows, 4] is an input.
   """
-  power_ids = view.power_ids()
   if fused:
     out_ref, inv_rms_ref = refs
-    sums = _sum_chunks(view, lambda j: _power_sums(view.load(gate_ref, j), power_ids))
-    inv_rms = _inv_rms(sums, features, eps, power_ids)
+    inv_rms = _inv_rms(*_row_sums(view, lambda j: _power_terms(view.load(gate_ref, j))), features, eps)
     view.store_stats(inv_rms_ref, inv_rms)
   else:
     inv_rms_ref, out_ref = refs
     inv_rms = view.load_stats(inv_rms_ref)
-  scale = _columns(coef_ref[...] * inv_rms, power_ids)
+  scale = tuple(c * r for c, r in zip(_coef_columns(coef_ref), inv_rms))
 
   def apply(j):
     view.store(out_ref, j, _polynomial(view.load(gate_ref, j), scale) * view.load(up_ref, j))
@@ -280,15 +262,14 @@ def _forward_kernel(coef_ref, gate_ref, up_ref, *refs, view, features, eps, fuse
   _for_chunks(view, apply)
 
 
+def _chunk_grad_terms(view, gate_ref, up_ref, dout_ref, j):
+  return _grad_terms(view.load(gate_ref, j), view.load(dout_ref, j) * view.load(up_ref, j))
+
+
 def _grad_sums_kernel(gate_ref, up_ref, dout_ref, grad_sums_ref, *, view):
   """Partial (over this device's features) sums c_k = sum dout * up * z^k of each row -> [rows, 4]."""
-  power_ids = view.power_ids()
-
-  def chunk_sums(j):
-    dp = view.load(dout_ref, j) * view.load(up_ref, j)
-    return _grad_sums(view.load(gate_ref, j), dp, power_ids)
-
-  view.store_stats(grad_sums_ref, _sum_chunks(view, chunk_sums))
+  grad_sums = _row_sums(view, functools.partial(_chunk_grad_terms, view, gate_ref, up_ref, dout_ref))
+  view.store_stats(grad_sums_ref, grad_sums)
 
 
 def _backward_kernel(coef_ref, gate_ref, up_ref, dout_ref, inv_rms_ref, *refs, view, features, fused):
@@ -297,21 +278,14 @@ def _backward_kernel(coef_ref, gate_ref, up_ref, dout_ref, inv_rms_ref, *refs, v
   fused: refs = (dgate, dup, grad_sums); the grad sums are computed here (the row is complete) and stored.
   else:  refs = (grad_sums, dgate, dup); grad_sums [rows, 4] (full-row, after the psum) is an input.
   """
-  power_ids = view.power_ids()
   if fused:
     dgate_ref, dup_ref, grad_sums_ref = refs
-
-    def chunk_sums(j):
-      dp = view.load(dout_ref, j) * view.load(up_ref, j)
-      return _grad_sums(view.load(gate_ref, j), dp, power_ids)
-
-    grad_sums = _sum_chunks(view, chunk_sums)
+    grad_sums = _row_sums(view, functools.partial(_chunk_grad_terms, view, gate_ref, up_ref, dout_ref))
     view.store_stats(grad_sums_ref, grad_sums)
   else:
     grad_sums_ref, dgate_ref, dup_ref = refs
     grad_sums = view.load_stats(grad_sums_ref)
-  scale, scale_e = _grad_coefficients(coef_ref[...], view.load_stats(inv_rms_ref), grad_sums, features,
-                                      power_ids)
+  scale, scale_e = _grad_coefficients(_coef_columns(coef_ref), view.load_stats(inv_rms_ref), grad_sums, features)
 
   def apply(j):
     z, up, dout = view.load(gate_ref, j), view.load(up_ref, j), view.load(dout_ref, j)
@@ -344,28 +318,26 @@ def _tpu_block_rows(cfg: _Config, rows: int, features: int, dtype) -> int:
   return rows if rows <= block_rows else block_rows
 
 
-def _gpu_view(cfg: _Config, rows: int, features: int) -> _GpuRows:
-  """Rows per program and columns per chunk (powers of two): a row per program, 2048-column chunks."""
+def _gpu_view(cfg: _Config, features: int) -> _GpuRow:
+  """Columns per chunk: a power of two, 1024 by default."""
   padded = pl.next_power_of_2(features)
-  block_cols = cfg.block_cols or min(padded, 2048)
-  block_rows = cfg.block_rows or max(1, 2048 // padded)
-  return _GpuRows(rows=rows, features=features, block_rows=block_rows, block_cols=min(block_cols, padded))
+  return _GpuRow(features, min(cfg.block_cols or 1024, padded))
 
 
 def _call(cfg: _Config, kernel, gate, inputs, out_shapes):
   """Runs `kernel(*input_refs, *output_refs, view=...)` over blocks of the rows of `gate` [rows, features].
 
   inputs and out_shapes are arrays / jax.ShapeDtypeStructs [rows, features] (features local to this device),
-  row statistics [rows, 4], or coef [1, 4].
+  row statistics [rows, 4], or coef [4].
   """
   rows, features = gate.shape
   if cfg.impl == "pallas_tpu":
     block_rows = _tpu_block_rows(cfg, rows, features, gate.dtype)
 
     def spec(x):
-      if x.shape[0] == rows:
-        return pl.BlockSpec((block_rows, x.shape[1]), lambda i: (i, 0))
-      return pl.BlockSpec(x.shape, lambda i: (0, 0))
+      if x.ndim == 1:  # coef, read as scalars
+        return pl.BlockSpec(memory_space=pltpu.SMEM)
+      return pl.BlockSpec((block_rows, x.shape[1]), lambda i: (i, 0))
 
     return pl.pallas_call(
         lambda *refs: kernel(*refs, view=_TpuBlock()),
@@ -377,10 +349,10 @@ def _call(cfg: _Config, kernel, gate, inputs, out_shapes):
                                              vmem_limit_bytes=48 * 2**20),
         interpret=pltpu.InterpretParams() if cfg.interpret else False,
     )(*inputs)
-  view = _gpu_view(cfg, rows, features)
+  view = _gpu_view(cfg, features)
   return pl.pallas_call(
       lambda *refs: kernel(*refs, view=view.for_program()),
-      grid=(pl.cdiv(rows, view.block_rows),),
+      grid=(rows,),
       out_shape=out_shapes,
       compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps or 4, num_stages=2),
       interpret=cfg.interpret,
@@ -398,7 +370,7 @@ def _power_sums_call(cfg: _Config, gate):
 
 
 def _forward_call(cfg: _Config, gate, up, coef, inv_rms=None):
-  """gate, up [rows, f]; coef [1, 4] -> out [rows, f], inv_rms [rows, 4].
+  """gate, up [rows, f]; coef [4] -> out [rows, f], inv_rms [rows, 4].
 
   Without inv_rms the row statistics are computed in the kernel (f must be the full row); with it, only applied.
   """
@@ -418,7 +390,7 @@ def _grad_sums_call(cfg: _Config, gate, up, dout):
 
 
 def _backward_call(cfg: _Config, gate, up, dout, coef, inv_rms, grad_sums=None):
-  """gate, up, dout [rows, f]; coef [1, 4]; inv_rms [rows, 4] -> dgate, dup [rows, f], grad_sums [rows, 4].
+  """gate, up, dout [rows, f]; coef [4]; inv_rms [rows, 4] -> dgate, dup [rows, f], grad_sums [rows, 4].
 
   Without grad_sums they are computed in the kernel (f must be the full row); with them, only applied.
   """
@@ -432,8 +404,8 @@ def _backward_call(cfg: _Config, gate, up, dout, coef, inv_rms, grad_sums=None):
 
 
 def _coef_grad(inv_rms, grad_sums):
-  """d coef [1, 4] = sum over rows of r_k c_k; inv_rms, grad_sums [rows, 4]."""
-  return jnp.sum(inv_rms * grad_sums, axis=0, keepdims=True)
+  """d coef [4] = sum over rows of r_k c_k; inv_rms, grad_sums [rows, 4]."""
+  return jnp.sum(inv_rms * grad_sums, axis=0)
 
 
 # ---------------------------------------------------------------------------------- custom VJP, unsharded
@@ -441,7 +413,7 @@ def _coef_grad(inv_rms, grad_sums):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _mul_polynorm_rows(cfg: _Config, gate, up, coef):
-  """gate, up [rows, features]; coef [1, 4] -> [rows, features]."""
+  """gate, up [rows, features]; coef [4] -> [rows, features]."""
   return _forward_call(cfg, gate, up, coef)[0]
 
 
@@ -489,7 +461,7 @@ def _sharded_forward(cfg: _Config, layout: _Layout, gate, up, coef):
 
   def local(gate, up, coef):
     sums = lax.psum(_power_sums_call(cfg, _rows(gate)), layout.axis)
-    inv_rms = _inv_rms(sums, cfg.features, cfg.eps, jnp.arange(NUM_POWERS)[None, :])
+    inv_rms = lax.rsqrt(sums * (1.0 / cfg.features) + cfg.eps).at[:, 0].set(1.0)  # as _inv_rms, per column
     out, _ = _forward_call(cfg, _rows(gate), _rows(up), coef, inv_rms)
     return out.reshape(gate.shape), inv_rms.reshape(*gate.shape[:-1], NUM_POWERS)
 
@@ -522,7 +494,7 @@ def _mul_polynorm_sharded_bwd(cfg, layout, residuals, dout):
   dgate, dup, row_coef_grads = jax.shard_map(
       local, mesh=layout.mesh, in_specs=(data, data, data, P(), stats), out_specs=(data, data, stats),
       check_vma=False)(gate, up, dout, coef, inv_rms)
-  return dgate, dup, jnp.sum(_rows(row_coef_grads), axis=0, keepdims=True)
+  return dgate, dup, jnp.sum(_rows(row_coef_grads), axis=0)
 
 
 _mul_polynorm_sharded.defvjp(_mul_polynorm_sharded_fwd, _mul_polynorm_sharded_bwd)
@@ -540,8 +512,8 @@ def _resolve_impl(impl: str) -> str:
 
 
 def _coef(weight, bias):
-  """weight [3] = (w0, w1, w2), bias [1] -> coef [1, 4] = (b, w2, w1, w0), float32."""
-  return jnp.concatenate([bias.reshape(1), weight.reshape(3)[::-1]]).astype(jnp.float32)[None, :]
+  """weight [3] = (w0, w1, w2), bias [1] -> coef [4] = (b, w2, w1, w0), float32."""
+  return jnp.concatenate([bias.reshape(1), weight.reshape(3)[::-1]]).astype(jnp.float32)
 
 
 def _check_inputs(gate, up, weight, bias):
@@ -564,7 +536,8 @@ def mul_polynorm(gate, up, weight, bias, *, eps: float = 1e-6, impl: str = "auto
     impl: "reference" (jnp), "pallas_tpu" (Mosaic), "pallas_gpu" (Triton), or "auto": by jax.default_backend()
       (tpu -> pallas_tpu, gpu -> pallas_gpu, else reference).
     interpret: run the Pallas kernel in interpret mode (GPU: plain interpret; TPU: pltpu.InterpretParams()).
-    block_rows: rows per kernel block (TPU: a multiple of 8 (16 for bf16); GPU: a power of two).
+    block_rows: TPU only; rows per kernel block (a multiple of 8, 16 for bf16). The GPU kernel takes a row per
+      program.
     block_cols, num_warps: GPU only; the column chunk (a power of two) and the warps per program.
   Returns:
     [..., features] in gate's dtype. Differentiable in gate, up, weight and bias.

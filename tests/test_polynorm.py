@@ -56,12 +56,11 @@ def reference_values(args, cotangent):
   return value_and_grads(mul_polynorm_reference, args, cotangent)
 
 
-# (shape, dtype, tuning options): a plain case; a ragged row count (46 rows in blocks of 8 or 16) with several
-# GPU column chunks; bfloat16 with a feature width that is no power of two (GPU column mask).
+# (shape, dtype, TPU options, GPU options): a ragged row count (46 rows in TPU blocks of 16) and two GPU column
+# chunks, the second ragged (384 = 256 + 128); bfloat16 with a width that is no power of two (one masked GPU chunk).
 INTERPRET_CASES = {
-    "f32_ragged_2x23x384": ((2, 23, 384), jnp.float32, {"block_rows": 16},
-                            {"block_rows": 16, "block_cols": 256}),
-    "bf16_100x320": ((100, 320), jnp.bfloat16, {"block_rows": 32}, {"block_rows": 4}),
+    "f32_ragged_2x23x384": ((2, 23, 384), jnp.float32, {"block_rows": 16}, {"block_cols": 256}),
+    "bf16_100x320": ((100, 320), jnp.bfloat16, {"block_rows": 32}, {}),
 }
 
 
@@ -137,3 +136,13 @@ def test_compiled_gpu_kernel_matches_reference(case):
   want = reference_values(args, cotangent)
   got = value_and_grads(mul_polynorm, args, cotangent)  # impl="auto"
   assert_all_close(got, want, dtype)
+
+
+@on_gpu
+def test_compiled_gpu_split_kernels_match_reference():
+  """The sharded path's statistics and apply kernels, compiled, on a one-device mesh."""
+  mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  args, cotangent = random_inputs((4, 100, 3000), jnp.bfloat16, seed=5)
+  got = value_and_grads(lambda *a: mul_polynorm_sharded(*a, mesh=mesh), args, cotangent)
+  assert_all_close(got, reference_values(args, cotangent), jnp.bfloat16)
