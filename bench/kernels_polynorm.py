@@ -8,7 +8,7 @@ cotangent) of the kernel and of the reference, in one run. Achieved GB/s counts 
 forward reads gate and up and writes out (3 arrays); backward reads gate, up and the cotangent and writes dgate
 and dup (5 arrays); forward+backward is their sum (8 arrays). The ceiling is `copy_gbps` (an XLA `x * 2`,
 read + write) at the same shape and dtype, measured in the same run. --sweep also times GPU tuning options
-(block_cols, num_warps). Prints a table; writes JSON to $OUT/kernels_polynorm.json when OUT is set.
+(block_cols, num_warps, num_stages). Prints a table; writes JSON to $OUT/kernels_polynorm.json when OUT is set.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import jax.numpy as jnp
 from bench.timing import copy_gbps, median_seconds, random_like
 from pallas_kernels.polynorm import mul_polynorm, mul_polynorm_reference, mul_polynorm_sharded
 
-# GPU tuning options (block_cols, num_warps); block_cols 0 means the whole row in one chunk.
-GPU_SWEEP = [(1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (0, 16), (0, 32)]
+# GPU tuning options (block_cols, num_warps, num_stages); block_cols 0 means the whole row in one chunk.
+GPU_SWEEP = [(1024, 4, 1), (1024, 4, 3), (1024, 8, 2), (2048, 4, 2), (2048, 8, 2), (4096, 8, 2), (4096, 16, 2),
+             (0, 16, 1), (0, 32, 1)]
 
 
 def _inputs(shape, dtype, seed=0):
@@ -89,8 +90,8 @@ def bench_shape(shape, dtype, impl, sweep, iters, interpret=False):
                              axis_types=(jax.sharding.AxisType.Auto,) * 3)
   options = [("kernel", mul_polynorm, {}), ("split kernels", mul_polynorm_sharded, {"mesh": one_device})]
   if sweep:
-    options += [(f"kernel c{c or 'row'} w{w}", mul_polynorm, dict(block_cols=c or shape[1], num_warps=w))
-                for c, w in GPU_SWEEP]
+    options += [(f"kernel c{c or 'row'} w{w} s{s}", mul_polynorm,
+                 dict(block_cols=c or shape[1], num_warps=w, num_stages=s)) for c, w, s in GPU_SWEEP]
   for name, function, kwargs in options:
     fn = functools.partial(function, impl=impl, interpret=interpret, **kwargs)
     try:

@@ -309,6 +309,7 @@ class _Config:
   block_rows: int | None = None
   block_cols: int | None = None
   num_warps: int | None = None
+  num_stages: int | None = None
 
 
 def _tpu_block_rows(cfg: _Config, rows: int, features: int, dtype) -> int:
@@ -354,7 +355,7 @@ def _call(cfg: _Config, kernel, gate, inputs, out_shapes):
       lambda *refs: kernel(*refs, view=view.for_program()),
       grid=(rows,),
       out_shape=out_shapes,
-      compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps or 4, num_stages=2),
+      compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps or 4, num_stages=cfg.num_stages or 2),
       interpret=cfg.interpret,
   )(*inputs)
 
@@ -526,7 +527,8 @@ def _check_inputs(gate, up, weight, bias):
 
 
 def mul_polynorm(gate, up, weight, bias, *, eps: float = 1e-6, impl: str = "auto", interpret: bool = False,
-                 block_rows: int | None = None, block_cols: int | None = None, num_warps: int | None = None):
+                 block_rows: int | None = None, block_cols: int | None = None, num_warps: int | None = None,
+                 num_stages: int | None = None):
   """PolyNorm(gate) * up, fused, with a custom VJP; the mean runs over the whole last axis of this array.
 
   Args:
@@ -538,7 +540,8 @@ def mul_polynorm(gate, up, weight, bias, *, eps: float = 1e-6, impl: str = "auto
     interpret: run the Pallas kernel in interpret mode (GPU: plain interpret; TPU: pltpu.InterpretParams()).
     block_rows: TPU only; rows per kernel block (a multiple of 8, 16 for bf16). The GPU kernel takes a row per
       program.
-    block_cols, num_warps: GPU only; the column chunk (a power of two) and the warps per program.
+    block_cols, num_warps, num_stages: GPU only; the column chunk (a power of two), the warps per program and
+      Triton's software-pipelining stages.
   Returns:
     [..., features] in gate's dtype. Differentiable in gate, up, weight and bias.
   """
@@ -547,7 +550,7 @@ def mul_polynorm(gate, up, weight, bias, *, eps: float = 1e-6, impl: str = "auto
   if impl == "reference":
     return mul_polynorm_reference(gate, up, weight, bias, eps=eps)
   cfg = _Config(impl=impl, eps=eps, features=gate.shape[-1], interpret=interpret, block_rows=block_rows,
-                block_cols=block_cols, num_warps=num_warps)
+                block_cols=block_cols, num_warps=num_warps, num_stages=num_stages)
   out = _mul_polynorm_rows(cfg, _rows(gate), _rows(up), _coef(weight, bias))
   return out.reshape(gate.shape)
 
@@ -555,7 +558,7 @@ def mul_polynorm(gate, up, weight, bias, *, eps: float = 1e-6, impl: str = "auto
 def mul_polynorm_sharded(gate, up, weight, bias, *, mesh: jax.sharding.Mesh, axis: str = "tensor",
                          batch_axes: tuple[str, ...] = ("data", "fsdp"), eps: float = 1e-6, impl: str = "auto",
                          interpret: bool = False, block_rows: int | None = None, block_cols: int | None = None,
-                         num_warps: int | None = None):
+                         num_warps: int | None = None, num_stages: int | None = None):
   """`mul_polynorm` with the feature axis sharded over mesh axis `axis` and the first axis over `batch_axes`.
 
   Each device runs the statistics kernel on its features, the per-row sums of z^2, z^4, z^6 are psummed over
@@ -581,6 +584,6 @@ def mul_polynorm_sharded(gate, up, weight, bias, *, mesh: jax.sharding.Mesh, axi
         f"(mesh axes {batch_axes}) and its last by {mesh.shape[axis]} (mesh axis {axis!r}); pad the batch or "
         "change the mesh")
   cfg = _Config(impl=impl, eps=eps, features=gate.shape[-1], interpret=interpret, block_rows=block_rows,
-                block_cols=block_cols, num_warps=num_warps)
+                block_cols=block_cols, num_warps=num_warps, num_stages=num_stages)
   layout = _Layout(mesh=mesh, axis=axis, batch_axes=batch_axes, ndim=gate.ndim)
   return _mul_polynorm_sharded(cfg, layout, gate, up, _coef(weight, bias))
