@@ -7,7 +7,8 @@ cotangents on both outputs) of:
   cudnn-4call    four `jax.nn.dot_product_attention(implementation="cudnn")` calls, no max logits;
   cudnn+stats    `gda_attention(impl="cudnn")`: the four calls plus the XLA max-logit/lse pass;
   tokamax-2call  two `tokamax.dot_product_attention` calls (value width 256), if tokamax imports;
-  reference      `gda_attention(impl="reference")`, at T <= 4096 only (it materialises T x T scores).
+  reference      `gda_attention(impl="reference")`.
+cudnn+stats and reference materialise T x T scores: they run at T <= --reference-max-len only.
 TFLOP/s use the fused-kernel count: QK over 5 heads x 128 and PV over 5 heads x 256 per group, half of
 the T x T square (causal); forward+backward = 3.5 x forward. `--sweep` first times several Pallas GPU
 tile settings at the first length and uses the fastest forward and backward settings for the table.
@@ -30,11 +31,13 @@ from pallas_kernels.gda_attention import gda_attention
 
 GROUPS, SIGNAL_HEADS, HEAD_DIM, WIDTH = 8, 4, 128, 256
 
-# Pallas GPU tile settings tried by --sweep (launch settings: the kernels' own heuristic):
-# forward (block_q, block_k, num_stages); backward (block_q_dq, block_k_dq, block_q_dkv, block_k_dkv).
-FORWARD_TILES = [(128, 128, 2), (128, 64, 3), (128, 128, 3)]
-BACKWARD_TILES = [(64, 32, 64, 32), (128, 32, 64, 64), (64, 64, 64, 64), (128, 64, 32, 64),
-                  (64, 32, 32, 64), (128, 32, 64, 32)]
+# Pallas GPU settings tried by --sweep: forward (block_q, block_k, num_stages), backward
+# (block_q_dq, block_k_dq, block_q_dkv, block_k_dkv, num_warps_dq, num_warps_dkv).
+FORWARD_TILES = [(128, 128, 2), (128, 64, 3)]
+BACKWARD_TILES = [(64, 32, 64, 32, 4, 4), (64, 32, 64, 32, 8, 4), (64, 32, 64, 32, 4, 8),
+                  (64, 32, 64, 32, 8, 8), (128, 32, 64, 32, 8, 8), (128, 32, 64, 32, 8, 4),
+                  (64, 64, 64, 64, 4, 8), (64, 64, 64, 64, 8, 8), (64, 32, 32, 64, 4, 8),
+                  (32, 64, 64, 32, 4, 4), (128, 64, 64, 32, 8, 4), (64, 32, 128, 32, 4, 8)]
 
 
 def gda_flops(batch, seq_len):
@@ -102,9 +105,10 @@ def sweep_tiles(batch, seq_len, log):
     if seconds < best_fwd_s:
       best_fwd, best_fwd_s = tiles, seconds
   best_bwd, best_total_s = None, float("inf")
-  for block_q_dq, block_k_dq, block_q_dkv, block_k_dkv in BACKWARD_TILES:
-    tiles = dict(best_fwd, block_q_dq=block_q_dq, block_k_dq=block_k_dq, block_q_dkv=block_q_dkv,
-                 block_k_dkv=block_k_dkv)
+  names = ("block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv", "num_warps_dq",
+           "num_warps_dkv")
+  for settings in BACKWARD_TILES:
+    tiles = dict(best_fwd, **dict(zip(names, settings)))
     seconds = _try_time(kernel_fn("pallas_gpu", **tiles), inputs, True, f"fwd+bwd {tiles}", log)
     if seconds < best_total_s:
       best_bwd, best_total_s = tiles, seconds
@@ -133,7 +137,8 @@ def main(argv):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--seq-lens", default="4096,8192")
   parser.add_argument("--batch", type=int, default=2)
-  parser.add_argument("--reference-max-len", type=int, default=4096)
+  parser.add_argument("--reference-max-len", type=int, default=4096,
+                      help="longest T for the rows that materialise T x T scores")
   parser.add_argument("--sweep", action="store_true", help="tune the Pallas GPU tiles first")
   parser.add_argument("--impls", default="pallas,cudnn-4call,cudnn+stats,tokamax-2call,reference",
                       help="comma-separated rows to time")
@@ -177,7 +182,7 @@ def main(argv):
     inputs = make_inputs(args.batch, seq_len)
     flops = gda_flops(args.batch, seq_len)
     for name, (fwd_fn, train_fn) in impls.items():
-      if name == "reference" and seq_len > args.reference_max_len:
+      if name in ("reference", "cudnn+stats") and seq_len > args.reference_max_len:
         continue
       row = {"seq_len": seq_len, "impl": name, "max_logits": name not in ("cudnn-4call", "tokamax-2call")}
       for key, fn, with_backward, factor in (("fwd", fwd_fn, False, 1.0),

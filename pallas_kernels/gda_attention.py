@@ -82,7 +82,8 @@ class GdaOutput(NamedTuple):
 def gda_attention(q_signal, q_noise, k_signal, k_noise, value, *, segment_ids=None, causal=True,
                   scale=None, impl="auto", block_q=None, block_k=None, block_q_dq=None,
                   block_k_dq=None, block_q_dkv=None, block_k_dkv=None, num_warps=None,
-                  num_stages=None, interpret=None) -> GdaOutput:
+                  num_warps_dq=None, num_warps_dkv=None, num_stages=None,
+                  interpret=None) -> GdaOutput:
   """Grouped Differential Attention: both softmax maps of every KV group against the shared value.
 
   Args:
@@ -96,12 +97,14 @@ def gda_attention(q_signal, q_noise, k_signal, k_noise, value, *, segment_ids=No
     scale: logit scale; default 1 / sqrt(D).
     impl: "auto" | "reference" | "pallas_tpu" | "pallas_gpu" | "cudnn" (see the module docstring).
     block_q, block_k: forward tile sizes along queries and keys (kernels only). T need not divide
-      them: it is padded inside and the padding masked. Default 128 x 128.
+      them: it is padded inside and the padding masked.
     block_q_dq, block_k_dq: dq kernel tiles (query rows per program, keys per step);
       block_q_dkv, block_k_dkv: dk/dv kernel tiles (queries per step, key rows per program).
-      Defaults: GPU 64 x 32 and 64 x 32, TPU the forward tiles.
-    num_warps, num_stages: Triton launch settings for every "pallas_gpu" kernel (default: 8 warps
-      for kernels whose float32 accumulator tile has >= 128 x 128 elements, else 4; 2 stages).
+      Defaults (forward; dq; dk/dv): GPU 128 x 128; 64 x 32; 64 x 32, smaller for float32 inputs
+      (Triton keeps the tiles in shared memory); TPU 128 x 128, backward = forward tiles.
+    num_warps, num_warps_dq, num_warps_dkv: Triton warps of the forward, dq and dk/dv kernels
+      (default: 8 when the kernel's float32 accumulator tile has >= 128 x 128 elements, else 4);
+      num_stages: Triton pipeline stages of all three (default 2).
     interpret: run the Pallas kernels in interpret mode. Default: on when the backend does not match
       the kernel (TPU kernel -> `pltpu.InterpretParams()`, GPU kernel -> `True`).
 
@@ -126,18 +129,16 @@ def gda_attention(q_signal, q_noise, k_signal, k_noise, value, *, segment_ids=No
   if interpret is None:
     backend_matches = jax.default_backend() == ("tpu" if on_tpu else "gpu")
     interpret = False if backend_matches else (pltpu.InterpretParams() if on_tpu else True)
-  block_q = block_q or 128
-  block_k = block_k or 128
-  blocks = dict(block_q=block_q, block_k=block_k,
-                block_q_dq=block_q_dq or (block_q if on_tpu else 64),
-                block_k_dq=block_k_dq or (block_k if on_tpu else 32),
-                block_q_dkv=block_q_dkv or (block_q if on_tpu else 64),
-                block_k_dkv=block_k_dkv or (block_k if on_tpu else 32))
+  given = dict(block_q=block_q, block_k=block_k, block_q_dq=block_q_dq, block_k_dq=block_k_dq,
+               block_q_dkv=block_q_dkv, block_k_dkv=block_k_dkv)
+  defaults = _default_blocks(on_tpu, jnp.dtype(q_signal.dtype).itemsize, block_q, block_k)
+  blocks = {name: size or defaults[name] for name, size in given.items()}
   if not on_tpu:
     _check_gpu_sizes(head_dim, value.shape[-1], *blocks.values())
   padded_len = _round_up(seq_len, math.lcm(*blocks.values()))
   cfg = _MapConfig(impl=impl, causal=causal, scale=scale, kv_len=seq_len, **blocks,
-                   num_warps=num_warps, num_stages=num_stages or 2, interpret=interpret)
+                   num_warps=(num_warps, num_warps_dq, num_warps_dkv),
+                   num_stages=num_stages or 2, interpret=interpret)
 
   pad = padded_len - seq_len
   def pad_time(x):
@@ -249,7 +250,7 @@ class _MapConfig:
   block_k_dq: int
   block_q_dkv: int
   block_k_dkv: int
-  num_warps: int | None
+  num_warps: tuple  # (forward, dq, dk/dv); None entries use the heuristic
   num_stages: int
   interpret: Any
 
@@ -318,6 +319,19 @@ def _apply_mask(s, mask):
 def _padding_kv_len(cfg, padded_len):
   """kv_len to mask, or None when no real query can see a padded key (none, or causal)."""
   return None if cfg.causal or cfg.kv_len == padded_len else cfg.kv_len
+
+
+def _default_blocks(on_tpu, itemsize, block_q, block_k):
+  """Tiles for the arguments left None. On TPU the backward tiles follow the forward ones."""
+  if on_tpu:
+    block_q, block_k = block_q or 128, block_k or 128
+    return dict(block_q=block_q, block_k=block_k, block_q_dq=block_q, block_k_dq=block_k,
+                block_q_dkv=block_q, block_k_dkv=block_k)
+  if itemsize <= 2:  # tuned on an H200 (bench/kernels_gda.py --sweep)
+    return dict(block_q=128, block_k=128, block_q_dq=64, block_k_dq=32, block_q_dkv=64,
+                block_k_dkv=32)
+  return dict(block_q=64, block_k=32, block_q_dq=32, block_k_dq=32, block_q_dkv=32,
+              block_k_dkv=32)
 
 
 def _round_up(x, multiple):
@@ -472,8 +486,9 @@ def _split_segment_ref(refs, num_outputs):
   return refs[0], refs[1:]
 
 
-def _gpu_params(cfg, accumulator_elements):
-  num_warps = cfg.num_warps or (8 if accumulator_elements >= 128 * 128 else 4)
+def _gpu_params(cfg, kernel, accumulator_elements):
+  """Triton launch settings of kernel 0 (forward), 1 (dq) or 2 (dk/dv)."""
+  num_warps = cfg.num_warps[kernel] or (8 if accumulator_elements >= 128 * 128 else 4)
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages)
 
 
@@ -507,7 +522,7 @@ def _gpu_forward(cfg, q, k, v, segment_ids):
       kernel, grid=(num_q_blocks, batch, groups * heads), in_specs=in_specs,
       out_specs=[pl.BlockSpec((None, block_q, None, None, width), q_index), stat_spec, stat_spec],
       out_shape=[jax.ShapeDtypeStruct(q.shape[:-1] + (width,), q.dtype), stat_shape, stat_shape],
-      compiler_params=_gpu_params(cfg, block_q * width), interpret=cfg.interpret,
+      compiler_params=_gpu_params(cfg, 0, block_q * width), interpret=cfg.interpret,
       name="gda_forward",
   )(*args)
 
@@ -541,7 +556,7 @@ def _gpu_backward(cfg, q, k, v, segment_ids, d_out, lse, delta):
       grid=(num_q_blocks, batch, groups * heads), in_specs=dq_specs,
       out_specs=pl.BlockSpec((None, block_q, None, None, head_dim), q_index),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_gpu_params(cfg, block_q * head_dim), interpret=cfg.interpret,
+      compiler_params=_gpu_params(cfg, 1, block_q * head_dim), interpret=cfg.interpret,
       name="gda_backward_dq",
   )(q, k, v, d_out, lse, delta, *seg_args)
 
@@ -567,7 +582,7 @@ def _gpu_backward(cfg, q, k, v, segment_ids, d_out, lse, delta):
       out_specs=[pl.BlockSpec((None, block_k, None, head_dim), key_block),
                  pl.BlockSpec((None, block_k, None, width), key_block)],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_gpu_params(cfg, block_k * (head_dim + width)),
+      compiler_params=_gpu_params(cfg, 2, block_k * (head_dim + width)),
       interpret=cfg.interpret, name="gda_backward_dkdv",
   )(q, k, v, d_out, lse, delta, *seg_args)
   return dq, dk, dv
