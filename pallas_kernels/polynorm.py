@@ -22,6 +22,10 @@ kernel and an apply kernel that takes the statistics as input; the unsharded pat
 per row block. When the feature axis is sharded (`mul_polynorm_sharded`), the partial sums are `psum`med over the
 tensor axis between the two kernels. The backward recomputes the powers of z; its residuals are gate, up, coef
 and inv_rms [rows, 4] (the three inverse RMS values per row, plus the constant r_0 = 1).
+
+TPU (Mosaic): a program takes a [block_rows, F] block into VMEM and does both passes on it. GPU (Triton): a
+program takes one row and walks it twice in chunks of block_cols; the second walk re-reads the row, mostly
+from L2 (with a single chunk, each input is read once).
 """
 
 from __future__ import annotations
@@ -320,9 +324,10 @@ def _tpu_block_rows(cfg: _Config, rows: int, features: int, dtype) -> int:
 
 
 def _gpu_view(cfg: _Config, features: int) -> _GpuRow:
-  """Columns per chunk: a power of two, 1024 by default."""
+  """Columns per chunk: a power of two, 4096 by default (with 8 warps and 2 stages, the best of the sweep in
+  bench/kernels_polynorm.py on an H200 over [8192, 16384] and [16384, 8192] bfloat16, forward + backward)."""
   padded = pl.next_power_of_2(features)
-  return _GpuRow(features, min(cfg.block_cols or 1024, padded))
+  return _GpuRow(features, min(cfg.block_cols or 4096, padded))
 
 
 def _call(cfg: _Config, kernel, gate, inputs, out_shapes):
@@ -355,7 +360,7 @@ def _call(cfg: _Config, kernel, gate, inputs, out_shapes):
       lambda *refs: kernel(*refs, view=view.for_program()),
       grid=(rows,),
       out_shape=out_shapes,
-      compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps or 4, num_stages=cfg.num_stages or 2),
+      compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps or 8, num_stages=cfg.num_stages or 2),
       interpret=cfg.interpret,
   )(*inputs)
 
@@ -540,8 +545,8 @@ def mul_polynorm(gate, up, weight, bias, *, eps: float = 1e-6, impl: str = "auto
     interpret: run the Pallas kernel in interpret mode (GPU: plain interpret; TPU: pltpu.InterpretParams()).
     block_rows: TPU only; rows per kernel block (a multiple of 8, 16 for bf16). The GPU kernel takes a row per
       program.
-    block_cols, num_warps, num_stages: GPU only; the column chunk (a power of two), the warps per program and
-      Triton's software-pipelining stages.
+    block_cols, num_warps, num_stages: GPU only; the column chunk (a power of two, default 4096), the warps per
+      program (8) and Triton's software-pipelining stages (2).
   Returns:
     [..., features] in gate's dtype. Differentiable in gate, up, weight and bias.
   """
