@@ -29,15 +29,24 @@ Backends (`impl`):
                 copies unless T needs padding).
   "cudnn"       GPU only: four `jax.nn.dot_product_attention(implementation="cudnn")` calls
                 (q1k1v1, q1k1v2, q2k2v1, q2k2v2). cuDNN cannot return max logits, so the statistics
-                come from a separate XLA pass that materialises the [B, G, S+1, T, T] scores (about
-                +45% on fwd+bwd at T=4096 on an H200, see shared/notes/h200_baselines.md); segments go
-                through an explicit [B, 1, T, T] mask, which cuDNN runs much slower than its causal mask.
+                come from a separate XLA pass that materialises the [B, G, S+1, T, T] scores: on an
+                H200 at T=4096 it cost 2.5 ms (+45% on fwd+bwd) in shared/notes/h200_baselines.md,
+                and ~9 ms here with float32 HIGHEST-precision dots, since replaced by bf16 dots with
+                float32 accumulation (not re-measured). Segments go through an explicit
+                [B, 1, T, T] mask, which cuDNN runs much slower than its causal mask.
   "auto"        TPU -> "pallas_tpu", GPU -> "pallas_gpu", anything else -> "reference".
 
 Sharding: every group is independent, so the group axis G (the axis the `tensor` mesh axis shards) can
-be split with `jax.shard_map(..., in_specs=P(None, None, "tensor"), ...)` around `gda_attention` with no
-communication: outputs shard the same way and `max_logits` [G, S+1] shards on its first axis. If the
+be split with `jax.shard_map(..., in_specs=P(None, None, "tensor"), check_vma=False)` around
+`gda_attention` with no communication (`check_vma=False`: the Pallas calls declare no varying mesh
+axes): outputs shard the same way, lse on their axis 1 and `max_logits` [G, S+1] on its axis 0. If the
 batch is sharded too, take a `lax.pmax` of `max_logits` over the batch axes.
+
+Speed (H200, 12.7B layout G=8 S=4 D=128, B=2, T=4096, bf16; bench/kernels_gda.py): the Triton kernels
+run the forward in ~1.5 ms (about 340 TFLOP/s, under cuDNN's four calls at ~1.7 ms, over tokamax's two
+Mosaic GPU calls at ~1.0-1.2 ms) and forward+backward in ~7.7 ms (cuDNN four calls ~5.7-6.0 ms). The
+backward's gap is structural to this two-kernel Triton design: dq and dk/dv each recompute the
+probabilities (7 matmuls per tile pair instead of 5) on small Triton tiles.
 """
 
 from __future__ import annotations
@@ -110,11 +119,11 @@ def gda_attention(q_signal, q_noise, k_signal, k_noise, value, *, segment_ids=No
 
   Returns:
     `GdaOutput(signal, noise, lse_signal, lse_noise, max_logits)`, shapes in its docstring. Gradients
-    flow to the five float inputs through `signal`, `noise` and the lse fields; `max_logits` is
-    wrapped in `stop_gradient`.
+    flow to the five float inputs through `signal`, `noise` and the lse fields (impl="cudnn": through
+    `signal` and `noise` only); `max_logits` is wrapped in `stop_gradient`.
   """
-  batch, seq_len, groups, signal_heads, head_dim = q_signal.shape
   _check_shapes(q_signal, q_noise, k_signal, k_noise, value, segment_ids)
+  seq_len, head_dim = q_signal.shape[1], q_signal.shape[-1]
   scale = float(1.0 / math.sqrt(head_dim) if scale is None else scale)
   impl = _resolve_impl(impl)
   if segment_ids is not None:
@@ -200,10 +209,16 @@ def _reference_mask(seq_len, segment_ids, causal):
   return mask
 
 
-def _reference_logits(q, k, mask, scale):
-  """Masked float32 logits [B, G, H, T, T] (-inf where masked) of q [B, T, G, H, D], k [B, T, G, D]."""
-  logits = jnp.einsum("btghd,bugd->bghtu", q.astype(jnp.float32), k.astype(jnp.float32),
-                      precision=lax.Precision.HIGHEST) * scale
+def _reference_logits(q, k, mask, scale, exact=True):
+  """Masked float32 logits [B, G, H, T, T] (-inf where masked) of q [B, T, G, H, D], k [B, T, G, D].
+
+  exact: float32 operands at HIGHEST precision (the oracle); else the input dtype with float32
+  accumulation (what the kernels compute, and fast on tensor cores)."""
+  if exact:
+    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+  precision = lax.Precision.HIGHEST if exact else None
+  logits = jnp.einsum("btghd,bugd->bghtu", q, k, precision=precision,
+                      preferred_element_type=jnp.float32) * scale
   return jnp.where(mask, logits, -jnp.inf)
 
 
@@ -224,7 +239,8 @@ def _gda_cudnn(q_signal, q_noise, k_signal, k_noise, value, segment_ids, causal,
   ref_mask = _reference_mask(seq_len, segment_ids, causal)
   stats = []
   for q, k in ((q_signal, k_signal), (q_noise[:, :, :, None, :], k_noise)):
-    logits = _reference_logits(lax.stop_gradient(q), lax.stop_gradient(k), ref_mask, scale)
+    logits = _reference_logits(lax.stop_gradient(q), lax.stop_gradient(k), ref_mask, scale,
+                               exact=False)
     stats.append((jax.nn.logsumexp(logits, axis=-1), jnp.max(logits, axis=(0, 3, 4))))
   (lse_signal, max_signal), (lse_noise, max_noise) = stats
   return GdaOutput(signal.reshape(batch, seq_len, groups, signal_heads, 2 * head_dim), noise,

@@ -1,8 +1,8 @@
 """Fused GDA attention: kernels against the jnp reference, outputs, max logits and gradients.
 
 CPU runs use interpret mode (plain `interpret=True` for the Triton kernel, `pltpu.InterpretParams()` for
-the Mosaic TPU kernel) on tiny shapes; the tests marked `gpu` run the compiled Triton kernel and the
-cuDNN composition and are skipped unless JAX's default backend is a GPU.
+the Mosaic TPU kernel) on tiny shapes; the `on_gpu` tests run the compiled Triton kernels and the
+cuDNN composition at the 12.7B head shapes and are skipped unless JAX's default backend is a GPU.
 """
 
 import functools
@@ -142,6 +142,14 @@ def test_tpu_kernel_interpret_packed_segments_float32():
   """The Mosaic kernel in TPU interpret mode: S=4, causal, packed segments, T=24 off the 16 block."""
   inputs, segment_ids = make_inputs(4, seq_len=24)
   check_against_reference(inputs, segment_ids, causal=True, tol=1e-5, impl="pallas_tpu",
+                          block_q=16, block_k=16, interpret=pltpu.InterpretParams())
+
+
+@on_cpu
+def test_tpu_kernel_interpret_ratio_one_bfloat16_not_causal():
+  """The Mosaic kernel with S=1, bfloat16, no causal mask (padded keys masked), T=24 off the block."""
+  inputs, _ = make_inputs(9, seq_len=24, signal_heads=1, dtype=jnp.bfloat16, segments=False)
+  check_against_reference(inputs, None, causal=False, tol=2e-2, impl="pallas_tpu",
                           block_q=16, block_k=16, interpret=pltpu.InterpretParams())
 
 
