@@ -12,8 +12,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["motif_jax", "motif_jax.*", "pallas_kernels"]),
     install_requires=[
         "jax>=0.11.2",
-        "flax>=0.12.0",
-        "optax>=0.2.5",
+        "flax>=0.12.10",
+        "optax>=0.2.8",
         "orbax-checkpoint>=0.11.0",
         "gin-config>=0.5.0",
         "absl-py>=2.1.0",
