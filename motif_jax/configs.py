@@ -13,6 +13,7 @@ import math
 ATTENTION_IMPLS = ("reference", "pallas", "cudnn")
 MLP_IMPLS = ("reference", "pallas")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+PALLAS_BACKENDS = ("auto", "tpu", "gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +45,17 @@ class ModelConfig:
   attention_impl: str = "reference"
   mlp_impl: str = "reference"
   remat_policy: str = "full"
+  # Which Pallas kernels "pallas" means: "auto" (by backend: TPU or GPU; CPU falls back to the
+  # reference), "tpu" or "gpu"; `pallas_interpret` runs them in interpret mode (tests on CPU).
+  pallas_backend: str = "auto"
+  pallas_interpret: bool = False
 
   def __post_init__(self):
     checks = (
         ("attention_impl", self.attention_impl, ATTENTION_IMPLS),
         ("mlp_impl", self.mlp_impl, MLP_IMPLS),
         ("remat_policy", self.remat_policy, REMAT_POLICIES),
+        ("pallas_backend", self.pallas_backend, PALLAS_BACKENDS),
     )
     for field, value, allowed in checks:
       if value not in allowed:
@@ -77,6 +83,11 @@ class ModelConfig:
   def value_dim(self) -> int:
     """Width of the value each map reads: the concatenated value pair."""
     return 2 * self.head_dim
+
+  @property
+  def pallas_impl(self) -> str:
+    """The kernels' `impl` argument for "pallas": "auto", "pallas_tpu" or "pallas_gpu"."""
+    return "auto" if self.pallas_backend == "auto" else f"pallas_{self.pallas_backend}"
 
   def lambda_init(self, layer_index):
     """lambda_init of the 0-based layer index, as the released weights expect (SPEC.md section 2)."""

@@ -101,6 +101,12 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: Rules | N
   return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules))
 
 
+def mesh_axes(logical: str, rules: Rules = DEFAULT_RULES) -> tuple[str, ...]:
+  """The mesh axes a logical axis maps to, e.g. ('data', 'fsdp') for 'batch'."""
+  target = logical_to_spec((logical,), rules)[0]
+  return (target,) if isinstance(target, str) else tuple(target or ())
+
+
 def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
   """Sharding of a [batch, seq] input array."""
   return NamedSharding(mesh, logical_to_spec(("batch", "act_length"), rules))
@@ -111,9 +117,7 @@ def validate_layout(cfg, mesh: Mesh, global_batch: int, rules: Rules = DEFAULT_R
   sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
 
   def ways(logical):
-    spec = logical_to_spec((logical,), rules)[0]
-    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    return math.prod(sizes[n] for n in names)
+    return math.prod(sizes[n] for n in mesh_axes(logical, rules))
 
   checks = (
       ("ModelConfig.num_kv_groups", cfg.num_kv_groups, "q_heads",

@@ -9,15 +9,18 @@ contiguous `2 * head_dim` slice. Sharding the head columns over `tensor` therefo
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from motif_jax.configs import ModelConfig
 from motif_jax.model.layers import constant_init, normal_init, param, rms_normalize, rotary_embedding
-from motif_jax.sharding import Rules, constrain
+from motif_jax.sharding import DEFAULT_RULES, Rules, constrain, mesh_axes
+from pallas_kernels import gda_attention
 
 
 class AttentionMaps(NamedTuple):
@@ -112,13 +115,39 @@ class GroupedDifferentialAttention(nnx.Module):
     heads = ((1.0 - lambda_init) * normed).astype(dt).reshape(b, t, g * s * 2 * hd)
     return jnp.einsum("bth,hd->btd", heads, self.wo[...].astype(dt)), maps.max_logits
 
-  def _attend(self, q_signal, q_noise, k_signal, k_noise, value, segment_ids):
-    impl = self.cfg.attention_impl
-    if impl == "reference":
+  def _attend(self, q_signal, q_noise, k_signal, k_noise, value, segment_ids) -> AttentionMaps:
+    cfg = self.cfg
+    if cfg.attention_impl == "reference":
       return gda_reference(q_signal, q_noise, k_signal, k_noise, value,
                            attention_mask(q_signal.shape[1], segment_ids))
-    from pallas_kernels.gda_attention import gda_attention  # kernels never import the model
+    impl = "cudnn" if cfg.attention_impl == "cudnn" else cfg.pallas_impl
+    attend = functools.partial(gda_attention.gda_attention, impl=impl,
+                               interpret=cfg.pallas_interpret or None)
+    args = (q_signal, q_noise, k_signal, k_noise, value)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+      out = attend(*args, segment_ids=segment_ids)
+      return AttentionMaps(out.signal, out.noise, out.max_logits)
+    return _attend_per_shard(attend, args, segment_ids, mesh, self.rules or DEFAULT_RULES)
 
-    out = gda_attention(q_signal, q_noise, k_signal, k_noise, value, segment_ids=segment_ids,
-                        impl="cudnn" if impl == "cudnn" else "auto")
-    return AttentionMaps(out.signal, out.noise, out.max_logits)
+
+def _attend_per_shard(attend, args, segment_ids, mesh, rules) -> AttentionMaps:
+  """Runs the attention kernel on each device's rows and KV groups (groups are independent).
+
+  Rows split over the mesh axes of logical `batch`, groups over those of `act_groups`; the max
+  logits are reduced over the row shards.
+  """
+  batch, groups = mesh_axes("batch", rules) or None, mesh_axes("act_groups", rules) or None
+  packed = segment_ids is not None
+
+  def per_shard(*operands):
+    out = attend(*operands[:5], segment_ids=operands[5] if packed else None)
+    max_logits = jax.lax.pmax(out.max_logits, batch) if batch else out.max_logits
+    return out.signal, out.noise, max_logits
+
+  head_spec, signal_spec = P(batch, None, groups, None), P(batch, None, groups, None, None)
+  in_specs = (signal_spec,) + (head_spec,) * 4 + ((P(batch, None),) if packed else ())
+  signal, noise, max_logits = jax.shard_map(
+      per_shard, mesh=mesh, in_specs=in_specs, out_specs=(signal_spec, head_spec, P(groups, None)),
+      check_vma=False)(*args, *((segment_ids,) if packed else ()))  # Pallas declares no varying axes
+  return AttentionMaps(signal, noise, max_logits)

@@ -1,4 +1,9 @@
-"""The PolyNorm-gated MLP: `down(PolyNorm(gate(x)) * up(x))` (SPEC.md section 3)."""
+"""The PolyNorm-gated MLP: `down(PolyNorm(gate(x)) * up(x))` (SPEC.md section 3).
+
+`PolyNorm(gate) * up` runs in float32 over the full intermediate axis, either as plain jnp
+(`mlp_impl="reference"`) or as the fused Pallas kernel (`mlp_impl="pallas"`), both from
+`pallas_kernels.polynorm`.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +13,8 @@ from flax import nnx
 
 from motif_jax.configs import ModelConfig
 from motif_jax.model.layers import constant_init, normal_init, param
-from motif_jax.sharding import Rules, constrain
-
-
-def mul_polynorm_reference(gate: jax.Array, up: jax.Array, weight: jax.Array, bias: jax.Array,
-                           eps: float = 1e-6) -> jax.Array:
-  """PolyNorm(gate) * up over the full last axis, in float32, cast to gate's dtype once.
-
-  gate, up: [..., intermediate]; weight: [3] (for gate^3, gate^2, gate); bias: [1].
-  """
-  z = gate.astype(jnp.float32)
-
-  def normalize(u):
-    return u * jax.lax.rsqrt(jnp.mean(jnp.square(u), axis=-1, keepdims=True) + eps)
-
-  poly = (weight[0] * normalize(z**3) + weight[1] * normalize(z**2) + weight[2] * normalize(z)
-          + bias[0])
-  return (poly * up.astype(jnp.float32)).astype(gate.dtype)
+from motif_jax.sharding import DEFAULT_RULES, Rules, constrain, mesh_axes
+from pallas_kernels import polynorm
 
 
 class PolyNormMLP(nnx.Module):
@@ -49,9 +39,19 @@ class PolyNormMLP(nnx.Module):
     up = constrain(up, ("batch", "act_length", "act_mlp"), self.rules)
     weight, bias = self.polynorm_weight[...], self.polynorm_bias[...]
     if self.cfg.mlp_impl == "pallas":
-      from pallas_kernels.polynorm import mul_polynorm  # kernels never import the model
-
-      hidden = mul_polynorm(gate, up, weight, bias, eps=self.cfg.norm_eps)
+      hidden = self._fused_polynorm(gate, up, weight, bias)
     else:
-      hidden = mul_polynorm_reference(gate, up, weight, bias, eps=self.cfg.norm_eps)
+      hidden = polynorm.mul_polynorm_reference(gate, up, weight, bias, eps=self.cfg.norm_eps)
     return jnp.einsum("btf,fd->btd", hidden, self.w_down[...].astype(dt))
+
+  def _fused_polynorm(self, gate, up, weight, bias):
+    """The Pallas kernel; under a multi-device mesh, per shard with the row sums reduced over tensor."""
+    cfg = self.cfg
+    kernel_args = dict(eps=cfg.norm_eps, impl=cfg.pallas_impl, interpret=cfg.pallas_interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+      return polynorm.mul_polynorm(gate, up, weight, bias, **kernel_args)
+    rules = self.rules or DEFAULT_RULES
+    feature_axes = mesh_axes("act_mlp", rules) or ("tensor",)
+    return polynorm.mul_polynorm_sharded(gate, up, weight, bias, mesh=mesh, axis=feature_axes[0],
+                                         batch_axes=mesh_axes("batch", rules), **kernel_args)
