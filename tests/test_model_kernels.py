@@ -75,3 +75,30 @@ def test_sharded_pallas_model_equals_reference(devices, reference):
   cfg = CFG.replace(attention_impl="pallas", mlp_impl="pallas", pallas_backend="gpu",
                     pallas_interpret=True)
   _assert_same(_loss_and_grads(cfg, sharding.make_mesh((2, 2, 2))), reference, rtol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled GPU kernels need a GPU")
+def test_compiled_gpu_kernels_in_the_2_6b_layer_shapes():
+  """Two motif-2.6b-width layers in bfloat16: compiled kernels against the XLA reference path."""
+  cfg = configs.get_model_config("motif-2.6b", num_layers=2, vocab_size=4096,
+                                 signal_heads_per_group=2)
+  tokens = jax.random.randint(jax.random.key(1), (2, 513), 0, cfg.vocab_size)
+  segment_ids = jnp.where(jnp.arange(512) < 300, 1, 2)[None].repeat(2, 0).astype(jnp.int32)
+
+  def run(model_cfg):
+    graphdef, params = init_params(model_cfg, 0)
+
+    def loss(p):
+      logits, aux = nnx.merge(graphdef, p)(tokens[:, :-1], None, segment_ids, return_aux=True)
+      total, weight = cross_entropy(logits, tokens[:, 1:], jnp.ones((2, 512), jnp.float32))
+      return total / weight, aux["max_logits"]
+
+    return jax.device_get(jax.jit(jax.value_and_grad(loss, has_aux=True))(params))
+
+  (loss, max_logits), grads = run(cfg.replace(attention_impl="pallas", mlp_impl="pallas"))
+  (ref_loss, ref_max), ref_grads = run(cfg)
+  np.testing.assert_allclose(loss, ref_loss, rtol=2e-2)
+  np.testing.assert_allclose(max_logits, ref_max, rtol=2e-2, atol=2e-2)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    error = np.linalg.norm(np.asarray(got, np.float64) - want) / (np.linalg.norm(want) + 1e-12)
+    assert error < 5e-2, error
