@@ -508,11 +508,10 @@ def _gpu_params(cfg, kernel, accumulator_elements):
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages)
 
 
-def _gpu_forward(cfg, q, k, v, segment_ids):
-  batch, seq_len, groups, heads, head_dim = q.shape
-  width = v.shape[-1]
-  block_q = cfg.block_q
-  num_q_blocks = seq_len // block_q
+def _query_block_index_maps(num_q_blocks, heads):
+  """Index maps over the grid (query block i, batch b, group * heads + head gh) for query-row
+  blocks [B, T, G, H, D], whole keys/values [B, T, G, D] and row statistics [B, G, H, T]. Query
+  blocks run last first: under the causal mask the last rows see the most keys."""
 
   def q_index(i, b, gh):
     return b, num_q_blocks - 1 - i, gh // heads, gh % heads, 0
@@ -522,6 +521,16 @@ def _gpu_forward(cfg, q, k, v, segment_ids):
 
   def stat_index(i, b, gh):
     return b, gh // heads, gh % heads, num_q_blocks - 1 - i
+
+  return q_index, kv_index, stat_index
+
+
+def _gpu_forward(cfg, q, k, v, segment_ids):
+  batch, seq_len, groups, heads, head_dim = q.shape
+  width = v.shape[-1]
+  block_q = cfg.block_q
+  num_q_blocks = seq_len // block_q
+  q_index, kv_index, stat_index = _query_block_index_maps(num_q_blocks, heads)
 
   in_specs = [pl.BlockSpec((None, block_q, None, None, head_dim), q_index),
               pl.BlockSpec((None, seq_len, None, head_dim), kv_index),
@@ -550,15 +559,7 @@ def _gpu_backward(cfg, q, k, v, segment_ids, d_out, lse, delta):
   num_q_blocks = seq_len // block_q
   kv_len = _padding_kv_len(cfg, seq_len)
   seg_args = [] if segment_ids is None else [segment_ids]
-
-  def q_index(i, b, gh):
-    return b, num_q_blocks - 1 - i, gh // heads, gh % heads, 0
-
-  def kv_index(i, b, gh):
-    return b, 0, gh // heads, 0
-
-  def stat_index(i, b, gh):
-    return b, gh // heads, gh % heads, num_q_blocks - 1 - i
+  q_index, kv_index, stat_index = _query_block_index_maps(num_q_blocks, heads)
 
   dq_specs = [pl.BlockSpec((None, block_q, None, None, head_dim), q_index),
               pl.BlockSpec((None, seq_len, None, head_dim), kv_index),
