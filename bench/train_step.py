@@ -24,10 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402  (after the path set-up above)
 import jax.numpy as jnp  # noqa: E402
 
-from bench.timing import matmul_tflops  # noqa: E402
+from bench.timing import matmul_tflops, median_seconds  # noqa: E402
 from motif_jax import configs, metrics, optim, sharding  # noqa: E402
-from motif_jax.model import init_params, param_logical_axes  # noqa: E402
-from motif_jax.train_step import TrainState, make_train_step  # noqa: E402
+from motif_jax.model import abstract_params, init_params, param_logical_axes  # noqa: E402
+from motif_jax.train_step import TrainState, make_train_step, state_shardings  # noqa: E402
 
 DATASHEET_PEAK = 989e12
 
@@ -40,31 +40,61 @@ def synthetic_batch(rows: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
               positions=jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (rows, seq_len)))
 
 
-def run_variant(cfg: configs.ModelConfig, batch: dict, steps: int) -> dict:
-  """Times the jitted MuonClip train step of `cfg` on `batch`; returns seconds and peak bytes."""
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+def time_train_step(cfg: configs.ModelConfig, batch: dict, steps: int, *, devices=None,
+                    mesh_shape=(1, -1, 1), micro_batches: int = 1,
+                    time_optimizer: bool = False) -> dict:
+  """Times the jitted MuonClip train step of `cfg` on `batch` over `devices` (default: the first).
+
+  Parameters, optimizer state and batch are laid out by the default logical-axis rules on a mesh of
+  `mesh_shape`; the batch's rows split into `micro_batches` accumulated micro-batches. Returns step seconds, peak device bytes (compiled memory analysis), the losses of
+  the warm-up step and the timed steps, and with `time_optimizer` the seconds of the optimizer
+  update alone (MuonClip with Parallel Muon, on the same layout).
+  """
+  devices = jax.devices()[:1] if devices is None else devices
+  mesh = sharding.make_mesh(mesh_shape, devices)
+  rules = sharding.DEFAULT_RULES
   logical_axes = param_logical_axes(cfg)
   lr = lambda step: 1e-4
   tx = optim.muonclip(lr, logical_axes=logical_axes, num_kv_groups=cfg.num_kv_groups,
-                      signal_heads_per_group=cfg.signal_heads_per_group, head_dim=cfg.head_dim)
+                      signal_heads_per_group=cfg.signal_heads_per_group, head_dim=cfg.head_dim,
+                      mesh=mesh, rules=rules)
+  param_shardings = sharding.tree_shardings(logical_axes, mesh, rules)
+  shardings = state_shardings(tx, abstract_params(cfg), param_shardings, mesh)
   with jax.set_mesh(mesh):
-    graphdef, params = init_params(cfg, 0)
-    state = TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params),
+    graphdef, params = init_params(cfg, 0, param_shardings, rules)
+    state = TrainState(jnp.zeros((), jnp.int32), params,
+                       jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
                        jax.random.key_data(jax.random.key(0)))
-    step = jax.jit(make_train_step(cfg, graphdef, tx, lr), donate_argnums=(0,))
+    state = jax.device_put(state, shardings)
+    batch = jax.device_put(batch, sharding.batch_sharding(mesh, rules))
+    step = jax.jit(make_train_step(cfg, graphdef, tx, lr, micro_batches=micro_batches),
+                   in_shardings=(shardings, None),
+                   out_shardings=(shardings, None), donate_argnums=(0,))
     compiled = step.lower(state, batch).compile()
     memory = compiled.memory_analysis()
 
-    state, _ = compiled(state, batch)  # warm-up
+    losses = []
+    state, metrics_ = compiled(state, batch)  # warm-up
+    losses.append(metrics_["loss"])
     jax.block_until_ready(state)
     start = time.perf_counter()
     for _ in range(steps):
-      state, _ = compiled(state, batch)
+      state, metrics_ = compiled(state, batch)
+      losses.append(metrics_["loss"])
     jax.block_until_ready(state)
     seconds = (time.perf_counter() - start) / steps
+    result = {"step_seconds": seconds, "losses": [float(x) for x in losses]}
+    if time_optimizer:
+      max_logits = jnp.zeros((cfg.num_layers, cfg.num_kv_groups, cfg.signal_heads_per_group + 1))
+      update = jax.jit(lambda g, o, p: tx.update(g, o, p, max_logits=max_logits)[0],
+                       in_shardings=(param_shardings, shardings.opt_state, param_shardings),
+                       out_shardings=param_shardings)
+      result["optimizer_seconds"] = median_seconds(update, state.params, state.opt_state,
+                                                   state.params, warmup=2, iters=5)
   peak = getattr(memory, "peak_memory_in_bytes", None) or (
       memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes)
-  return {"step_seconds": seconds, "peak_bytes": int(peak)}
+  result["peak_bytes"] = int(peak)
+  return result
 
 
 def main(argv):
@@ -88,7 +118,7 @@ def main(argv):
     cfg = configs.get_model_config(args.model, **overrides)
     batch = batch or synthetic_batch(args.batch, args.seq_len, cfg.vocab_size)
     try:
-      timing = run_variant(cfg, batch, args.steps)
+      timing = time_train_step(cfg, batch, args.steps)
     except Exception as error:  # a variant that does not compile or fit is reported, not fatal
       results.append({"variant": variant, "error": f"{type(error).__name__}: {str(error)[:300]}"})
       continue
