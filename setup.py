@@ -20,6 +20,7 @@ setuptools.setup(
         "numpy>=2.0",
         "tensorboardX>=2.6",
         "seqio>=0.0.19",
+        "sentencepiece>=0.2.0",  # motif_jax.data.tokenizer trains and loads SentencePiece models
         "tensorflow>=2.18",
         "tensorflow-datasets>=4.9.7",
         "importlib_resources>=6.0",  # tensorflow-datasets imports it without declaring it

@@ -9,6 +9,7 @@ checkpoint at the current step on SIGTERM (then a normal return).
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -22,6 +23,8 @@ import optax
 from absl import logging
 
 from motif_jax import checkpoint, configs, metrics, sharding
+# Light (gin and numpy; TF and seqio load in make_train_data); registers the data's gin configurables.
+from motif_jax.data import Curriculum, DataConfig, make_train_data
 from motif_jax.model import abstract_params, init_params, param_logical_axes
 from motif_jax import optim
 from motif_jax.optim import schedules
@@ -54,7 +57,7 @@ def train(workdir: str, *,
           grad_clip_norm: float | None = 1.0,
           z_loss_weight: float = 0.0,
           seed: int = 0,
-          data_mixture: str = "motif_embedded",
+          data_mixture: str | Curriculum = "motif_embedded",
           log_every: int = 10,
           checkpoint_every: int = 100,
           keep_checkpoints: int = 3,
@@ -67,8 +70,6 @@ def train(workdir: str, *,
   `crash_after_step` is fault injection for tests: the process SIGKILLs itself after that step,
   with no cleanup, as a lost machine would.
   """
-  from motif_jax.data import DataConfig, make_train_data  # seqio/TF load only when training
-
   cfg = configs.get_model_config(model, **dict(model_overrides or {}))
   _check_settings(num_steps=num_steps, batch_size=batch_size, micro_batches=micro_batches,
                   log_every=log_every, checkpoint_every=checkpoint_every)
@@ -82,9 +83,8 @@ def train(workdir: str, *,
   data = make_train_data(DataConfig(batch_size=batch_size, seq_len=seq_len, seed=seed,
                                     mixture=data_mixture),
                          process_index=jax.process_index(), process_count=jax.process_count())
-  if data.vocab_size > cfg.vocab_size:
-    raise ValueError(f"The data's vocabulary has {data.vocab_size} ids but ModelConfig.vocab_size="
-                     f"{cfg.vocab_size}; raise the model's vocab_size (padded for sharding).")
+  data.check_model_vocab(cfg.vocab_size,
+                         shards=math.prod(mesh.shape[a] for a in sharding.mesh_axes("vocab", rules)))
 
   lr = schedule(total_steps=num_steps)
   logical_axes = param_logical_axes(cfg)
@@ -133,8 +133,9 @@ def train(workdir: str, *,
         state, step_metrics = step_fn(state, batch)
         step += 1
         data_position += 1
-        reporter.after_step(step, step_metrics,
-                            log=step == 1 or step % log_every == 0 or step == num_steps)
+        log = step == 1 or step % log_every == 0 or step == num_steps
+        reporter.after_step(step, step_metrics, log=log,
+                            data_metrics=data.log_metrics(data_position) if log else None)
         meta = {"step": step, "data_position": data_position}
         if preemption.is_set():
           ckpt.save(step, state, meta)
@@ -182,7 +183,8 @@ class _Reporter:
     self.num_steps, self.writer, self.history = num_steps, writer, []
     self._last_time, self._last_step, self._step_times = time.perf_counter(), None, []
 
-  def after_step(self, step: int, step_metrics, *, log: bool) -> None:
+  def after_step(self, step: int, step_metrics, *, log: bool,
+                 data_metrics: dict[str, float] | None = None) -> None:
     if not log:
       return
     values = jax.device_get(step_metrics)
@@ -214,6 +216,10 @@ class _Reporter:
       else:
         line += " | mfu n/a (no known peak for this device; set train.peak_tflops_per_device)"
       line += f" | eta {metrics.format_duration((self.num_steps - step) * step_time)}"
+    if data_metrics:  # mixture/target/<task>, mixture/realised/<task>; the console shows the realised
+      record.update(data_metrics)
+      line += " | mixture " + " ".join(f"{key.rsplit('/', 1)[1]} {value:.2f}" for key, value in
+                                       data_metrics.items() if key.startswith("mixture/realised/"))
     self.history.append({"step": step, **record})
     if self.writer:
       self.writer.write(step, record, console=line)

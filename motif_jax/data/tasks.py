@@ -1,19 +1,19 @@
-"""seqio Tasks over the embedded corpus: one Task per domain and a Mixture over them with fixed rates.
+"""seqio Tasks for a curriculum's sources, all with the same preprocessing: tokenize, append EOS.
 
 Importing this module imports TensorFlow and seqio (several seconds) and hides every GPU from TensorFlow,
 so that tf.data never takes accelerator memory from JAX. `motif_jax.data` imports it lazily.
 
-Each Task yields examples {"targets": int32 [length]} with length <= the requested
-`sequence_length["targets"]`: a document is byte-tokenized (`seqio.ByteVocabulary`: 259 ids, pad 0,
-eos 1, byte b -> b + 3), EOS is appended, and the result is cut into consecutive pieces of at most that
-length, so long documents are split rather than truncated.
+Task `motif_<name>` reads the source of curriculum task `<name>` and yields {"targets": int32 [n + 1]}:
+the document's tokens followed by EOS. `seqio.get_dataset("motif_code", ...)` works as for any Task.
+The curriculum pipeline reads the same sources by index and tokenizes with `encode`, which gives the same
+tokens as the Task's preprocessors (tests check this).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Mapping, Optional
 
+import numpy as np
 from absl import logging
 import tensorflow as tf
 
@@ -24,88 +24,67 @@ except RuntimeError:  # TensorFlow already initialised its devices; nothing left
 
 import seqio  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from motif_jax.data import corpus  # pylint: disable=wrong-import-position
+from motif_jax.data import config, sources, vocabulary  # pylint: disable=wrong-import-position
 
-MIXTURE_NAME = "motif_embedded"
-TASK_NAMES = {domain: f"{MIXTURE_NAME}_{domain}" for domain in corpus.DOMAINS}
-# Rates are per example (document piece); roughly the domains' sizes, with code a little ahead.
-MIXTURE_RATES = {"code": 0.45, "prose": 0.3, "math": 0.25}
-SHUFFLE_BUFFER_SIZE = 1024  # document pieces, per Task and process; documents are also reshuffled per epoch
+SHUFFLE_BUFFER_SIZE = 1024  # documents, per Task and process, for seqio.get_dataset users
 
-
-def vocabulary() -> seqio.Vocabulary:
-  """The byte-level vocabulary: vocab_size 259, pad 0, eos 1, unk 2, byte b -> id b + 3."""
-  return seqio.ByteVocabulary()
+# The shared preprocessing of every Task: the source's "text" becomes "targets", tokenized, then EOS.
+PREPROCESSORS = (
+    functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+    functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
+    seqio.preprocessors.append_eos,
+)
 
 
-class CorpusSource(seqio.DataSource):
-  """The documents of one corpus domain as {"targets": tf.string} examples.
+def task_name(name: str) -> str:
+  return f"motif_{name}"
 
-  Sharding is exact and at the document level: shard i of n holds documents i, i + n, i + 2n, ... of the
-  domain, so shards are disjoint, and a process materialises only its own shard. With `shuffle`, the
-  shard's documents come in a new order every epoch (a deterministic function of `seed`).
+
+def output_features(vocab: seqio.Vocabulary) -> dict[str, seqio.Feature]:
+  return {"targets": seqio.Feature(vocab, add_eos=True, dtype=tf.int32)}
+
+
+def encode(vocab: seqio.Vocabulary, text: str) -> np.ndarray:
+  """int32 [n + 1]: `text` tokenized by `vocab`, then EOS, as the Tasks' preprocessors produce it."""
+  return np.array(vocab.encode(text) + [vocab.eos_id], dtype=np.int32)
+
+
+def register(curriculum: config.Curriculum) -> tuple[seqio.Vocabulary, dict[str, sources.IndexedSource]]:
+  """Opens the curriculum's sources and (re)registers their Tasks; returns the vocabulary and the sources.
+
+  A Task already registered under the same name is replaced when its source or vocabulary differ (with
+  a warning), so the latest configuration wins, as with gin.
+  """
+  vocab = vocabulary.load_vocabulary(curriculum.vocabulary)
+  features = output_features(vocab)
+  opened = {}
+  for name, spec in curriculum.tasks:
+    full_name = task_name(name)
+    if full_name in seqio.TaskRegistry.names():
+      existing = seqio.TaskRegistry.get(full_name)
+      if getattr(existing.source, "spec", None) == spec and existing.output_features == features:
+        opened[name] = existing.source
+        continue
+      logging.warning("Replacing seqio Task %s: its source is now %r.", full_name, spec)
+      seqio.TaskRegistry.remove(full_name)
+    opened[name] = sources.open_source(spec, f"curriculum.tasks[{name!r}]")
+    seqio.TaskRegistry.add(full_name, source=opened[name], output_features=features,
+                           preprocessors=list(PREPROCESSORS), shuffle_buffer_size=SHUFFLE_BUFFER_SIZE)
+  return vocab, opened
+
+
+class PackedLMFeatureConverter(seqio.LMFeatureConverter):
+  """seqio's LM feature converter for rows that `packing.pack` has already packed.
+
+  Input rows carry "targets", "targets_segment_ids" and "targets_positions" (int32 [seq_len]), the
+  layout seqio's own packing produces; the converter adds the decoder inputs (targets shifted right
+  within each segment), loss weights and the `decoder_*` names. seqio's packing is not used: it packs a
+  stream across batch boundaries, so batch k would depend on every earlier batch.
   """
 
-  def __init__(self, domain: str):
-    super().__init__(splits=("train",), caching_permitted=False)
-    self.domain = domain
+  def __init__(self):
+    super().__init__(pack=True)
 
-  @property
-  def supports_arbitrary_sharding(self) -> bool:
-    return True
-
-  def list_shards(self, split: str) -> list[str]:
-    return [split]
-
-  def get_dataset(self, split: str = "train", shuffle: bool = True, seed: Optional[int] = None,
-                  shard_info: Optional[seqio.ShardInfo] = None, *, sequence_length=None, use_cached=False,
-                  num_epochs: Optional[int] = 1) -> tf.data.Dataset:
-    del sequence_length, use_cached, num_epochs  # Tasks repeat and trim; the source only reads.
-    if split not in self.splits:
-      raise ValueError(f"The embedded corpus has only the splits {self.splits}, not {split!r}.")
-    docs = corpus.documents(self.domain)
-    index, count = (shard_info.index, shard_info.num_shards) if shard_info else (0, 1)
-    if len(docs) < count:
-      raise ValueError(
-          f"Corpus domain {self.domain!r} has {len(docs)} documents, fewer than the {count} shards asked "
-          f"for (process_count); the embedded corpus supports at most {len(docs)} processes.")
-    shard = docs[index::count]
-    ds = tf.data.Dataset.from_tensor_slices({"targets": tf.constant(shard, dtype=tf.string)})
-    if shuffle:
-      ds = ds.shuffle(len(shard), seed=seed, reshuffle_each_iteration=True)
+  def _pack_or_pad(self, ds: tf.data.Dataset, packed_lengths) -> tf.data.Dataset:
+    del packed_lengths  # rows arrive packed to seq_len
     return ds
-
-
-def split_to_length(dataset: tf.data.Dataset,
-                    sequence_length: Optional[Mapping[str, int]] = None) -> tf.data.Dataset:
-  """Cuts each "targets" int32 [n] into consecutive pieces [<= L], L = sequence_length["targets"]."""
-  if not sequence_length or not sequence_length.get("targets"):
-    return dataset
-  limit = sequence_length["targets"]
-
-  def pieces(example):
-    tokens = example["targets"]
-    size = tf.size(tokens)
-    starts = tf.range(0, size, limit)
-    lengths = tf.minimum(limit, size - starts)
-    return tf.data.Dataset.from_tensor_slices({"targets": tf.RaggedTensor.from_row_lengths(tokens, lengths)})
-
-  return dataset.flat_map(pieces)
-
-
-def register_tasks() -> str:
-  """Registers the domain Tasks and the Mixture (idempotent) and returns the Mixture's name."""
-  output_features = {"targets": seqio.Feature(vocabulary(), add_eos=True, dtype=tf.int32)}
-  preprocessors = [
-      functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
-      seqio.preprocessors.append_eos,
-      split_to_length,
-  ]
-  registered = set(seqio.TaskRegistry.names())
-  for domain, name in TASK_NAMES.items():
-    if name not in registered:
-      seqio.TaskRegistry.add(name, source=CorpusSource(domain), output_features=output_features,
-                             preprocessors=preprocessors, shuffle_buffer_size=SHUFFLE_BUFFER_SIZE)
-  if MIXTURE_NAME not in seqio.MixtureRegistry.names():
-    seqio.MixtureRegistry.add(MIXTURE_NAME, [(TASK_NAMES[d], rate) for d, rate in MIXTURE_RATES.items()])
-  return MIXTURE_NAME
