@@ -1,9 +1,10 @@
-"""Checkpoints: orbax async saves every N steps, keep K, resume from the workdir, save on SIGTERM.
+"""Checkpoints: orbax async saves every N steps, keep K, resume from the workdir, save on preemption.
 
 A checkpoint holds the whole TrainState (params, optimizer state, step, RNG) and a JSON record
 with the step and the data position. Orbax writes each step into a temporary directory and renames
 it when complete, so a save that a crash interrupts never appears as a step; `latest_complete_step`
-also ignores any step directory that lacks orbax's completion metadata.
+also ignores any step directory that lacks orbax's completion metadata, and `restore_latest` skips,
+with a warning naming it, a newest checkpoint that cannot be read back or holds non-finite values.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import signal
 import threading
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 
 class Checkpointer:
@@ -28,15 +32,50 @@ class Checkpointer:
         directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
-        item_names=("state", "meta"))
+        handler_registry=_handler_registry())
+
+  def _all_steps(self) -> list[int]:
+    self._manager.reload()  # steps other runs or processes wrote
+    return self._manager.all_steps()
 
   def latest_complete_step(self) -> int | None:
     """The newest step whose checkpoint finished writing, or None."""
-    for step in sorted(self._manager.all_steps(read=True), reverse=True):
+    for step in sorted(self._all_steps(), reverse=True):
       if _is_complete(epath.Path(self.directory) / str(step)):
         return step
       logging.warning("Skipping incomplete checkpoint %s", epath.Path(self.directory) / str(step))
     return None
+
+  def restore_latest(self, abstract_state):
+    """(step, state, meta) of the newest checkpoint that restores whole and finite, or None.
+
+    A checkpoint that fails (unreadable or truncated files, a bad JSON record, NaN or inf values)
+    is skipped with a warning naming its directory, and the one before it is tried. With several
+    processes a checkpoint counts only if every process read its part of it.
+    """
+    for step in sorted(self._all_steps(), reverse=True):
+      path = epath.Path(self.directory) / str(step)
+      if not _is_complete(path):
+        logging.warning("Skipping incomplete checkpoint %s", path)
+        continue
+      restored, problem = self._try_restore(step, abstract_state)
+      if _on_any_process(problem is not None):
+        logging.warning("Skipping checkpoint %s: %s; trying the one before it.", path,
+                        problem or "another process could not restore it")
+        continue
+      return step, restored[0], restored[1]
+    return None
+
+  def _try_restore(self, step: int, abstract_state):
+    try:
+      state, meta = self.restore(step, abstract_state)
+    except Exception as error:  # pylint: disable=broad-except  (any failure makes it unusable)
+      return None, f"restoring it failed ({type(error).__name__}: {error})"
+    if isinstance(state, _RestoreFailure):
+      return None, f"restoring it failed ({state.reason})"
+    if not bool(_all_finite(state)):
+      return None, "it holds non-finite values"
+    return (state, meta), None
 
   def save(self, step: int, state, meta: dict) -> None:
     """Starts an async save of `state` and `meta` as `step`; the caller decides which steps to save."""
@@ -58,6 +97,51 @@ class Checkpointer:
     self._manager.close()
 
 
+class _RestoreFailure:
+  """What `_ReportingHandler` returns in place of a state it could not read."""
+
+  def __init__(self, reason: str):
+    self.reason = reason
+
+
+class _ReportingHandler(ocp.StandardCheckpointHandler):
+  """Returns a failed restore as a `_RestoreFailure` instead of raising.
+
+  A process whose part of a checkpoint is unreadable then still reaches orbax's barrier after the
+  restore, like the others, and all of them can agree to skip that checkpoint instead of hanging.
+  """
+
+  def restore(self, directory, *args, **kwargs):
+    try:
+      return super().restore(directory, *args, **kwargs)
+    except Exception as error:  # pylint: disable=broad-except
+      return _RestoreFailure(f"{type(error).__name__}: {error}")
+
+
+def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  state, meta = _ReportingHandler(), ocp.JsonCheckpointHandler()
+  registry.add("state", ocp.args.StandardSave, state)
+  registry.add("state", ocp.args.StandardRestore, state)
+  registry.add("meta", ocp.args.JsonSave, meta)
+  registry.add("meta", ocp.args.JsonRestore, meta)
+  return registry
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _on_any_process(flag: bool) -> bool:
+  """True on every process when `flag` is true on at least one."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
 def _is_complete(step_dir: epath.Path) -> bool:
   """A step directory counts only with its metadata and state; orbax writes both before finalising."""
   return (step_dir / "_CHECKPOINT_METADATA").exists() and (step_dir / "state").exists()
@@ -69,19 +153,32 @@ def abstract_like(tree, shardings):
                       shardings)
 
 
-class PreemptionFlag:
-  """Set by SIGTERM; the training loop polls it between steps, saves and exits 0."""
+class PreemptionWatch:
+  """Tells the training loop, polled after every step, when to save and stop for a preemption.
+
+  One process: its own SIGTERM handler sets a flag. Several processes: jax's preemption sync manager,
+  which `jax.distributed.initialize` starts and which catches SIGTERM on each host, agrees on one step
+  at which `reached` is true on every process, whichever host got the notice (a Python handler here
+  would displace jax's, so none is installed).
+  """
 
   def __init__(self):
     self._event = threading.Event()
-    self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
 
   def _on_signal(self, signum, frame):
+    del signum, frame
     logging.warning("SIGTERM received: saving a checkpoint at the current step, then exiting.")
     self._event.set()
 
-  def is_set(self) -> bool:
-    return self._event.is_set()
+  def reached(self, step: int) -> bool:
+    """Whether to save at `step` and stop; every process must call it at every step."""
+    if jax.process_count() == 1:
+      return self._event.is_set()
+    return multihost_utils.reached_preemption_sync_point(step)
 
-  def restore_handler(self) -> None:
-    signal.signal(signal.SIGTERM, self._previous)
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)

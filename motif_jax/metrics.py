@@ -13,8 +13,9 @@ FLOP convention (stated in every log line as `flops=causal-half`):
 from __future__ import annotations
 
 import json
-import os
 import time
+
+from etils import epath
 
 from motif_jax.configs import ModelConfig
 
@@ -61,15 +62,18 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 class MetricWriter:
   """Writes scalars to the console, a JSONL file and TensorBoard event files in `logdir`.
 
-  Only the process that owns it writes; callers create it on process 0 alone.
+  `logdir` is a local path or a gs:// bucket path (TensorBoard files there need the
+  google-cloud-storage package). Only the process that owns it writes; callers create it on
+  process 0 alone.
   """
 
   def __init__(self, logdir: str):
     from tensorboardX import SummaryWriter
 
-    os.makedirs(logdir, exist_ok=True)
+    path = epath.Path(logdir)
+    path.mkdir(parents=True, exist_ok=True)
     self._tensorboard = SummaryWriter(logdir)
-    self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a", encoding="utf-8")
+    self._jsonl = (path / "metrics.jsonl").open("a", encoding="utf-8")
 
   def write(self, step: int, scalars: dict[str, float], console: str | None = None) -> None:
     for name, value in scalars.items():

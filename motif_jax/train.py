@@ -1,19 +1,48 @@
 """Training entry point: `python -m motif_jax.train --gin_file=... [--gin_param=...] --workdir=DIR`.
 
-Gin files are applied in order, then the bindings; the operative config is written to DIR/config.gin.
-A run resumes from DIR by itself.
+Gin files are applied in order, then the bindings; process 0 writes the operative config to
+DIR/config.gin. A run resumes from DIR by itself. DIR may be a local path or a gs:// bucket (which a
+multi-host run needs: every host reads and writes the same checkpoints).
+
+Multi-host: on a Cloud TPU VM slice, start the same command on every worker and nothing more is
+needed. Elsewhere (GPU hosts, CPU clusters) give every process --coordinator_address (process 0's
+host:port), --num_processes and its own --process_id, or the MOTIF_COORDINATOR_ADDRESS,
+MOTIF_NUM_PROCESSES and MOTIF_PROCESS_ID environment variables.
 """
 
 import os
 
 import gin
 from absl import app, flags, logging
+from etils import epath
 
-from motif_jax import trainer
+from motif_jax import distributed
 
 GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files, applied in order.")
 GIN_PARAMS = flags.DEFINE_multi_string("gin_param", [], "Gin bindings, e.g. train.num_steps=100.")
 WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and logs; a run resumes from it.")
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  return int(value) if value else None
+
+
+COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", os.environ.get("MOTIF_COORDINATOR_ADDRESS"),
+    "Multi-host: host:port of process 0 (not needed on Cloud TPU VMs).")
+NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", _env_int("MOTIF_NUM_PROCESSES"), "Multi-host: the number of processes.")
+PROCESS_ID = flags.DEFINE_integer(
+    "process_id", _env_int("MOTIF_PROCESS_ID"), "Multi-host: this process's index, from 0.")
+HOSTS = flags.DEFINE_list(
+    "hosts", os.environ.get("MOTIF_HOSTS", ""),
+    "Multi-host: the host of each process, in order; only used to name hosts that fail to join.")
+TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout_s", 300, "Multi-host: how long processes wait for each other at start-up.")
+HEARTBEAT = flags.DEFINE_integer(
+    "distributed_heartbeat_s", 100,
+    "Multi-host: how long the others wait for a host that stopped answering before ending too.")
 
 # gin files name each other relative to the repository root (`include 'gin_configs/base.gin'`).
 GIN_SEARCH_PATH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,11 +55,18 @@ def main(argv):
                          "from it.")
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
+  distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value,
+                         host_names=HOSTS.value, timeout_s=TIMEOUT.value,
+                         heartbeat_timeout_s=HEARTBEAT.value)
+  from motif_jax import trainer  # pylint: disable=import-outside-toplevel  (after the jax start)
+  import jax  # pylint: disable=import-outside-toplevel
+
   gin.add_config_file_search_path(GIN_SEARCH_PATH)
   gin.parse_config_files_and_bindings(GIN_FILES.value, GIN_PARAMS.value)
-  os.makedirs(WORKDIR.value, exist_ok=True)
-  with open(os.path.join(WORKDIR.value, "config.gin"), "w", encoding="utf-8") as f:
-    f.write(gin.config_str())
+  if jax.process_index() == 0:
+    workdir = epath.Path(WORKDIR.value)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.gin").write_text(gin.config_str())
   trainer.train(WORKDIR.value)
 
 

@@ -48,6 +48,8 @@ def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef,
   batch: dict of [global_batch, seq] arrays (`BATCH_KEYS`); rows are split into `micro_batches`
   equal micro-batches whose gradients are summed before one optimizer update. The loss is the
   token-weighted mean over the whole batch, so the result does not depend on `micro_batches`.
+  A step whose loss or gradients are not finite leaves params and optimizer state unchanged
+  (`metrics["finite"]` is False); the step counter and RNG still advance, as the data does.
   """
 
   def summed_loss(params, micro):
@@ -77,11 +79,17 @@ def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef,
         accumulate, (zeros, 0.0, 0.0, init_max), micro)
     denominator = jnp.maximum(weight_sum, 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads)
+    loss, grad_norm = loss_sum / denominator, optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, max_logits=max_logits)
     params = optax.apply_updates(state.params, updates)
+    # A NaN or inf anywhere in the gradients makes their norm non-finite: such a step is skipped.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
     metrics = {
-        "loss": loss_sum / denominator,
-        "grad_norm": optax.global_norm(grads),
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "finite": finite,
         "learning_rate": schedule(state.step),
         "tokens": weight_sum,
         "max_logit": jnp.max(max_logits),

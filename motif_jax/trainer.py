@@ -2,8 +2,11 @@
 
 Builds the mesh, the model's sharded parameters, the optimizer and the data, then runs jitted steps
 with explicit shardings, a log line and TensorBoard scalars every `log_every` steps, async
-checkpoints every `checkpoint_every` steps, automatic resume from `workdir/checkpoints`, and a
-checkpoint at the current step on SIGTERM (then a normal return).
+checkpoints every `checkpoint_every` steps and automatic resume from `workdir/checkpoints` (skipping
+a newest checkpoint that cannot be read back). On a preemption notice (SIGTERM; with several hosts,
+at a step they all agree on) it checkpoints the current step and returns normally. A step with a
+non-finite loss or gradients changes nothing and is counted; `max_nonfinite_steps` of them in a row
+stop the run. `plan_step` builds the jitted step alone, for `motif_jax.aot`.
 """
 
 
@@ -13,7 +16,7 @@ import math
 import os
 import signal
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import gin
 import jax
@@ -21,8 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
-from motif_jax import checkpoint, configs, metrics, sharding
+from motif_jax import checkpoint, configs, distributed, metrics, sharding
 # Light (gin and numpy; TF and seqio load in make_train_data); registers the data's gin configurables.
 from motif_jax.data import Curriculum, DataConfig, make_train_data
 from motif_jax.model import abstract_params, init_params, param_logical_axes
@@ -42,6 +47,78 @@ def adamw(learning_rate: optax.Schedule, *, b1: float = 0.9, b2: float = 0.95, e
       optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
 
 
+class StepPlan(NamedTuple):
+  """The jitted training step and what it was built from; nothing is allocated or compiled yet."""
+
+  cfg: configs.ModelConfig
+  mesh: Mesh
+  tx: optax.GradientTransformationExtraArgs
+  lr: optax.Schedule
+  graphdef: nnx.GraphDef
+  shardings: TrainState  # a NamedSharding per state leaf
+  batch_sharding: NamedSharding
+  step_fn: Callable  # (state, batch) -> (state, metrics); the state is donated
+
+  def abstract_state(self) -> TrainState:
+    """ShapeDtypeStructs of the train state, with its shardings (for restore and lowering)."""
+    params = abstract_params(self.cfg)
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
+                       jax.eval_shape(self.tx.init, params),
+                       jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))))
+    return checkpoint.abstract_like(state, self.shardings)
+
+  def abstract_batch(self, batch_size: int, seq_len: int) -> dict:
+    return {k: jax.ShapeDtypeStruct((batch_size, seq_len),
+                                    jnp.float32 if k == "loss_weights" else jnp.int32,
+                                    sharding=self.batch_sharding) for k in BATCH_KEYS}
+
+
+def plan_step(*, model: str, model_overrides: dict | None, num_steps: int, batch_size: int,
+              micro_batches: int, mesh_shape: Sequence[int], rules: sharding.Rules,
+              optimizer: Callable, schedule: Callable, grad_clip_norm: float | None,
+              z_loss_weight: float, devices=None) -> StepPlan:
+  """Checks the layout and builds the optimizer and the jitted step over `devices` (default: all).
+
+  Raises ValueError naming the setting when the model, batch and mesh do not fit together.
+  """
+  cfg = configs.get_model_config(model, **dict(model_overrides or {}))
+  mesh = sharding.make_mesh(mesh_shape, devices)
+  sharding.validate_layout(cfg, mesh, batch_size, rules)
+  if (batch_size // micro_batches) % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    raise ValueError(f"micro-batch rows = batch_size / micro_batches = {batch_size // micro_batches} "
+                     f"is not divisible by data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']}; "
+                     "change train.micro_batches or train.batch_size.")
+  lr = schedule(total_steps=num_steps)
+  logical_axes = param_logical_axes(cfg)
+  tx = optimizer(lr, logical_axes=logical_axes, num_kv_groups=cfg.num_kv_groups,
+                 signal_heads_per_group=cfg.signal_heads_per_group, head_dim=cfg.head_dim,
+                 mesh=mesh, rules=rules)
+  if grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
+  param_shardings = sharding.tree_shardings(logical_axes, mesh, rules)
+  shardings = state_shardings(tx, abstract_params(cfg), param_shardings, mesh)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  graphdef = _graphdef(cfg, rules)
+  step_fn = jax.jit(
+      make_train_step(cfg, graphdef, tx, lr, micro_batches=micro_batches,
+                      z_loss_weight=z_loss_weight),
+      in_shardings=(shardings, {k: batch_sharding for k in BATCH_KEYS}),
+      out_shardings=(shardings, None), donate_argnums=(0,))
+  return StepPlan(cfg, mesh, tx, lr, graphdef, shardings, batch_sharding, step_fn)
+
+
+def _graphdef(cfg: configs.ModelConfig, rules: sharding.Rules) -> nnx.GraphDef:
+  """The model's graph definition, from an abstract initialisation (no memory, no compute)."""
+  captured = {}
+
+  def build():
+    captured["graphdef"], params = init_params(cfg, 0, None, rules)
+    return params
+
+  jax.eval_shape(build)
+  return captured["graphdef"]
+
+
 @gin.configurable
 def train(workdir: str, *,
           model: str = gin.REQUIRED,
@@ -58,106 +135,112 @@ def train(workdir: str, *,
           z_loss_weight: float = 0.0,
           seed: int = 0,
           data_mixture: str | Curriculum = "motif_embedded",
+          data_shards: int | None = None,
           log_every: int = 10,
           checkpoint_every: int = 100,
           keep_checkpoints: int = 3,
           peak_tflops_per_device: float | None = None,
+          max_nonfinite_steps: int = 10,
+          inject_nonfinite_steps: Sequence[int] = (),
           crash_after_step: int | None = None) -> list[dict]:
   """Trains `model` for `num_steps` steps; returns the logged metrics (one dict per log step).
 
   `optimizer(schedule, **model_layout)` builds an optax transformation; `schedule(total_steps=...)`
   builds the learning rate (its peak is bound in gin). Steps 1 and every `log_every`-th are logged.
-  `crash_after_step` is fault injection for tests: the process SIGKILLs itself after that step,
-  with no cleanup, as a lost machine would.
+  `data_shards` fixes how many shards the data is cut into (default: one per process), so that the
+  global batch stays the same when the number of hosts changes. `max_nonfinite_steps` non-finite
+  steps in a row raise `NonFiniteError`.
+  Fault injection for tests: `crash_after_step` makes the process SIGKILL itself after that step,
+  with no cleanup, as a lost machine would; the steps in `inject_nonfinite_steps` get NaN loss
+  weights, hence a NaN loss and NaN gradients.
   """
-  cfg = configs.get_model_config(model, **dict(model_overrides or {}))
   _check_settings(num_steps=num_steps, batch_size=batch_size, micro_batches=micro_batches,
-                  log_every=log_every, checkpoint_every=checkpoint_every)
-  mesh = sharding.make_mesh(mesh_shape)
-  sharding.validate_layout(cfg, mesh, batch_size, rules)
-  if (batch_size // micro_batches) % (mesh.shape["data"] * mesh.shape["fsdp"]):
-    raise ValueError(f"micro-batch rows = batch_size / micro_batches = {batch_size // micro_batches} "
-                     f"is not divisible by data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']}; "
-                     "change train.micro_batches or train.batch_size.")
+                  log_every=log_every, checkpoint_every=checkpoint_every,
+                  max_nonfinite_steps=max_nonfinite_steps)
+  plan = plan_step(model=model, model_overrides=model_overrides, num_steps=num_steps,
+                   batch_size=batch_size, micro_batches=micro_batches, mesh_shape=mesh_shape,
+                   rules=rules, optimizer=optimizer, schedule=schedule,
+                   grad_clip_norm=grad_clip_norm, z_loss_weight=z_loss_weight)
+  cfg, mesh = plan.cfg, plan.mesh
 
-  data = make_train_data(DataConfig(batch_size=batch_size, seq_len=seq_len, seed=seed,
-                                    mixture=data_mixture),
-                         process_index=jax.process_index(), process_count=jax.process_count())
+  shards, shard_count = distributed.local_data_shards(data_shards)
+  data_config = DataConfig(batch_size=batch_size, seq_len=seq_len, seed=seed, mixture=data_mixture)
+  data_streams = [make_train_data(data_config, process_index=shard, process_count=shard_count)
+                  for shard in shards]
+  data = data_streams[0]
   data.check_model_vocab(cfg.vocab_size,
                          shards=math.prod(mesh.shape[a] for a in sharding.mesh_axes("vocab", rules)))
 
-  lr = schedule(total_steps=num_steps)
-  logical_axes = param_logical_axes(cfg)
-  tx = optimizer(lr, logical_axes=logical_axes, num_kv_groups=cfg.num_kv_groups,
-                 signal_heads_per_group=cfg.signal_heads_per_group, head_dim=cfg.head_dim,
-                 mesh=mesh, rules=rules)
   if jax.process_index() == 0:
     print(f"optimizer {getattr(optimizer, '__name__', optimizer)}; parameter routing:\n"
-          f"{optim.describe_routing(abstract_params(cfg), logical_axes)}", flush=True)
-  if grad_clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
-
-  param_shardings = sharding.tree_shardings(logical_axes, mesh, rules)
-  shardings = state_shardings(tx, abstract_params(cfg), param_shardings, mesh)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
+          f"{optim.describe_routing(abstract_params(cfg), param_logical_axes(cfg))}", flush=True)
 
   with jax.set_mesh(mesh):
-    graphdef, params = init_params(cfg, seed, param_shardings, rules)
-    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-    state = TrainState(jnp.zeros((), jnp.int32), params, opt_state,
-                       jax.random.key_data(jax.random.key(seed)))
-    state = jax.device_put(state, shardings)
-
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep_checkpoints)
-    data_position = 0
-    latest = ckpt.latest_complete_step()
-    if latest is not None:
-      state, meta = ckpt.restore(latest, checkpoint.abstract_like(state, shardings))
+    data_position, skipped_before = 0, 0
+    restored = ckpt.restore_latest(plan.abstract_state())
+    if restored is None:
+      state = _initial_state(plan, seed, rules)
+    else:
+      latest, state, meta = restored
       data_position = int(meta["data_position"])
+      skipped_before = int(meta.get("skipped_steps", 0))
       logging.info("Resumed from step %d (data position %d).", latest, data_position)
-
-    step_fn = jax.jit(
-        make_train_step(cfg, graphdef, tx, lr, micro_batches=micro_batches,
-                        z_loss_weight=z_loss_weight),
-        in_shardings=(shardings, {k: batch_sharding for k in BATCH_KEYS}),
-        out_shardings=(shardings, None), donate_argnums=(0,))
 
     writer = metrics.MetricWriter(os.path.join(workdir, "logs")) if jax.process_index() == 0 else None
     reporter = _Reporter(cfg, seq_len, batch_size, num_steps, peak_tflops_per_device, writer)
-    preemption = checkpoint.PreemptionFlag()
-    batches = data.batches(start=data_position)
+    guard = _NonFiniteGuard(max_nonfinite_steps, skipped_before)
+    preemption = checkpoint.PreemptionWatch()
+    batches = _stacked([stream.batches(start=data_position) for stream in data_streams])
     step = int(state.step)
     try:
       while step < num_steps:
-        batch = _global_batch(next(batches), batch_sharding)
-        state, step_metrics = step_fn(state, batch)
+        local_rows = next(batches)
+        if step + 1 in inject_nonfinite_steps:
+          local_rows = dict(local_rows, loss_weights=np.full_like(local_rows["loss_weights"], np.nan))
+        state, step_metrics = plan.step_fn(state, _global_batch(local_rows, plan.batch_sharding))
         step += 1
         data_position += 1
+        guard.push(step, step_metrics["finite"])
         log = step == 1 or step % log_every == 0 or step == num_steps
-        reporter.after_step(step, step_metrics, log=log,
+        if log:
+          guard.flush()
+        reporter.after_step(step, step_metrics, log=log, skipped_steps=guard.total,
                             data_metrics=data.log_metrics(data_position) if log else None)
-        meta = {"step": step, "data_position": data_position}
-        if preemption.is_set():
-          ckpt.save(step, state, meta)
+        preempted = preemption.reached(step)
+        if preempted or step % checkpoint_every == 0 or step == num_steps:
+          guard.flush()  # raises before saving after too many non-finite steps
+          ckpt.save(step, state, {"step": step, "data_position": data_position,
+                                  "skipped_steps": guard.total})
+        if preempted:
           ckpt.wait()
-          logging.warning("Saved step %d after SIGTERM; exiting.", step)
+          logging.warning("Saved step %d after a preemption notice; exiting.", step)
           break
-        if step % checkpoint_every == 0 or step == num_steps:
-          ckpt.save(step, state, meta)
         if step == crash_after_step:
           os.kill(os.getpid(), signal.SIGKILL)
+      guard.flush()
     finally:
       ckpt.close()
-      preemption.restore_handler()
+      preemption.close()
       if writer:
         writer.close()
   return reporter.history
 
 
-def _check_settings(*, num_steps, batch_size, micro_batches, log_every, checkpoint_every):
+def _initial_state(plan: StepPlan, seed: int, rules: sharding.Rules) -> TrainState:
+  _, params = init_params(plan.cfg, seed, plan.shardings.params, rules)
+  opt_state = jax.jit(plan.tx.init, out_shardings=plan.shardings.opt_state)(params)
+  state = TrainState(jnp.zeros((), jnp.int32), params, opt_state,
+                     jax.random.key_data(jax.random.key(seed)))
+  return jax.device_put(state, plan.shardings)
+
+
+def _check_settings(*, num_steps, batch_size, micro_batches, log_every, checkpoint_every,
+                    max_nonfinite_steps):
   for name, value in (("train.num_steps", num_steps), ("train.batch_size", batch_size),
                       ("train.micro_batches", micro_batches), ("train.log_every", log_every),
-                      ("train.checkpoint_every", checkpoint_every)):
+                      ("train.checkpoint_every", checkpoint_every),
+                      ("train.max_nonfinite_steps", max_nonfinite_steps)):
     if value <= 0:
       raise ValueError(f"{name}={value} must be positive.")
   if batch_size % micro_batches:
@@ -165,10 +248,57 @@ def _check_settings(*, num_steps, batch_size, micro_batches, log_every, checkpoi
                      f"{micro_batches}.")
 
 
+def _stacked(streams):
+  """Batches of several data shards, their rows stacked in shard order."""
+  if len(streams) == 1:
+    return streams[0]
+  return ({k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+          for parts in zip(*streams))
+
+
 def _global_batch(local_rows: dict, batch_sharding) -> dict:
   """Assembles each process's rows into global arrays laid out by `batch_sharding`."""
   return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local_rows[k]))
           for k in BATCH_KEYS}
+
+
+class NonFiniteError(RuntimeError):
+  """Too many training steps in a row had a non-finite loss or gradients."""
+
+
+class _NonFiniteGuard:
+  """Counts skipped (non-finite) steps and stops the run after `limit` in a row.
+
+  It reads each step's `finite` flag one step late, so the host never waits for the step it just
+  launched; `flush` reads the pending one (log and checkpoint steps wait for the device anyway).
+  """
+
+  def __init__(self, limit: int, skipped_before: int):
+    self.limit, self.total, self.in_a_row = limit, skipped_before, 0
+    self._pending = None
+
+  def push(self, step: int, finite: jax.Array) -> None:
+    self.flush()
+    self._pending = (step, finite)
+
+  def flush(self) -> None:
+    if self._pending is None:
+      return
+    (step, finite), self._pending = self._pending, None
+    if bool(finite):
+      self.in_a_row = 0
+      return
+    self.total += 1
+    self.in_a_row += 1
+    logging.warning("Step %d skipped: non-finite loss or gradients (%d in a row, %d in all); "
+                    "parameters and optimizer state left as they were.", step, self.in_a_row,
+                    self.total)
+    if self.in_a_row >= self.limit:
+      raise NonFiniteError(
+          f"Stopped at step {step}: {self.in_a_row} steps in a row had a non-finite loss or "
+          f"gradients (train.max_nonfinite_steps={self.limit}). Nothing non-finite was applied or "
+          f"saved; the run resumes from its last checkpoint. Lower PEAK_LR or train.grad_clip_norm, "
+          f"add train.z_loss_weight, or check the data of steps {step - self.in_a_row + 1}-{step}.")
 
 
 class _Reporter:
@@ -183,7 +313,7 @@ class _Reporter:
     self.num_steps, self.writer, self.history = num_steps, writer, []
     self._last_time, self._last_step, self._step_times = time.perf_counter(), None, []
 
-  def after_step(self, step: int, step_metrics, *, log: bool,
+  def after_step(self, step: int, step_metrics, *, log: bool, skipped_steps: int = 0,
                  data_metrics: dict[str, float] | None = None) -> None:
     if not log:
       return
@@ -198,12 +328,15 @@ class _Reporter:
         "train/grad_norm": float(values["grad_norm"]),
         "train/learning_rate": float(values["learning_rate"]),
         "train/max_attention_logit": float(values["max_logit"]),
+        "train/skipped_steps": skipped_steps,
     }
     for layer, value in enumerate(np.asarray(values["max_logit_per_layer"])):
       record[f"attention/max_logit_layer_{layer:02d}"] = float(value)
     line = (f"step {step:6d} | loss {record['train/loss']:.4f} | grad_norm "
             f"{record['train/grad_norm']:.3f} | lr {record['train/learning_rate']:.2e} | "
             f"max_logit {record['train/max_attention_logit']:.2f}")
+    if skipped_steps:
+      line += f" | skipped {skipped_steps} non-finite"
     if step_time is None:
       line += " | timing from the next log step (this interval includes compilation)"
     else:
