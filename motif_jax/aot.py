@@ -15,25 +15,22 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import re
 
 import gin
 import jax
 from absl import app, flags
 
+from motif_jax import train as train_cli  # the --gin_file / --gin_param flags, defined once
 from motif_jax import trainer
 
-GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files, applied in order.")
-GIN_PARAMS = flags.DEFINE_multi_string("gin_param", [], "Gin bindings, e.g. train.batch_size=64.")
 TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: v5p-64, v6e-256, v5p:2x4x4, ...")
 CPU_FALLBACK = flags.DEFINE_bool(
     "cpu_fallback", True, "Without libtpu, compile for as many simulated CPU devices instead.")
 
-GIN_SEARCH_PATH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# generation in the accelerator type -> (jax's name for it, chips in the type's number per chip,
-# HBM per chip in GiB from the datasheets, chip grids jax can build by chip count)
+# generation in the accelerator type -> (jax's name for it, units the type's number counts per chip
+# (TensorCores on v4 and v5p), HBM per chip in GiB from the datasheets); then the chip grid used for
+# each chip count.
 _GENERATIONS = {
     "v4": ("v4", 2, 32), "v5p": ("v5p", 2, 95), "v5litepod": ("v5e", 1, 16), "v5e": ("v5e", 1, 16),
     "v6e": ("v6e", 1, 32),
@@ -49,7 +46,7 @@ def parse_topology(topology: str) -> tuple[str, int, float]:
   grid = re.fullmatch(r"(v4|v5p|v5e|v6e):(\d+(?:x\d+)+)", topology)
   typed = re.fullmatch(r"(v4|v5p|v5litepod|v5e|v6e)-(\d+)", topology)
   if grid:
-    name, _, hbm = _GENERATIONS[grid.group(1)]
+    hbm = _GENERATIONS[grid.group(1)][2]
     return topology, math.prod(int(d) for d in grid.group(2).split("x")), hbm
   if typed:
     name, per_chip, hbm = _GENERATIONS[typed.group(1)]
@@ -119,8 +116,8 @@ def main(argv):
   if not TOPOLOGY.value:
     raise app.UsageError("--topology is required, e.g. --topology=v5p-64.")
   jax_topology, chips, hbm = parse_topology(TOPOLOGY.value)
-  gin.add_config_file_search_path(GIN_SEARCH_PATH)
-  gin.parse_config_files_and_bindings(GIN_FILES.value, GIN_PARAMS.value)
+  gin.add_config_file_search_path(train_cli.GIN_SEARCH_PATH)
+  gin.parse_config_files_and_bindings(train_cli.GIN_FILES.value, train_cli.GIN_PARAMS.value)
   settings = train_settings()
   try:
     devices = tpu_devices(jax_topology)
