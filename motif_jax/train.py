@@ -55,9 +55,12 @@ def main(argv):
                          "from it.")
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
-  distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value,
-                         host_names=HOSTS.value, timeout_s=TIMEOUT.value,
-                         heartbeat_timeout_s=HEARTBEAT.value)
+  try:
+    distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value,
+                           host_names=HOSTS.value, timeout_s=TIMEOUT.value,
+                           heartbeat_timeout_s=HEARTBEAT.value)
+  except (distributed.StartupError, ValueError) as error:  # a message for the operator, no trace
+    raise SystemExit(f"motif_jax.train: {error}") from error
   from motif_jax import trainer  # pylint: disable=import-outside-toplevel  (after the jax start)
   import jax  # pylint: disable=import-outside-toplevel
 
