@@ -1,7 +1,6 @@
 """The curriculum mixture: schedule, closed-form plan, exact resume without replay, host shards, errors."""
 
 import dataclasses
-import itertools
 
 import numpy as np
 import pytest
@@ -11,25 +10,14 @@ from motif_jax.data import config as data_config
 from motif_jax.data import packing, vocabulary
 from motif_jax.data.examples import TaskExamples, cut
 from motif_jax.data.curriculum import CurriculumMixture, Schedule
+from batches import KEYS, assert_same, take  # tests/batches.py
 
-KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
 EMBEDDED = {d: data_config.CorpusDomain(d) for d in data_config.EMBEDDED_DOMAINS}
 # Three transitions inside the first ~300 batches of 8 x 256 tokens (2,048 tokens per batch).
 STAGES = [(0, {"code": 0.6, "prose": 0.3, "math": 0.1}),
           (150_000, {"code": 0.1, "prose": 0.3, "math": 0.6}),
           (400_000, {"code": 0.3, "prose": 0.6, "math": 0.1}),
           (500_000, {"code": 0.2, "prose": 0.2, "math": 0.6})]
-
-
-def take(data, start, count):
-  return list(itertools.islice(data.batches(start), count))
-
-
-def assert_same(batches_a, batches_b):
-  assert len(batches_a) == len(batches_b)
-  for a, b in zip(batches_a, batches_b):
-    for key in KEYS:
-      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_schedule_interpolates_between_stage_starts():

@@ -1,6 +1,5 @@
 """The pipeline's batches (layout, packing, determinism, resume), the seqio Tasks and the embedded corpus."""
 
-import itertools
 import re
 import subprocess
 import sys
@@ -9,21 +8,10 @@ import numpy as np
 import pytest
 
 from motif_jax.data import DOMAINS, DataConfig, documents, make_train_data
+from batches import KEYS, assert_same, take  # tests/batches.py
 
-KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
 CFG = DataConfig(batch_size=8, seq_len=512, seed=0)
 NUM_BATCHES = 6
-
-
-def take(data, start, count):
-  return list(itertools.islice(data.batches(start), count))
-
-
-def assert_same(batches_a, batches_b):
-  assert len(batches_a) == len(batches_b)
-  for a, b in zip(batches_a, batches_b):
-    for key in KEYS:
-      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 @pytest.fixture(scope="module")
