@@ -4,7 +4,12 @@
                                      [--sweep] [--iters 10] [--interpret]
 
 For each shape [rows, features]: forward and forward+backward times (backward through jax.vjp with a random
-cotangent) of the kernel and of the reference, in one run. Achieved GB/s counts the bytes a fused pass must move:
+cotangent) of the kernel and of the reference, in one run, measured two ways:
+- fused: forward and backward in one jit, so XLA may fuse the reference's backward into its forward and keep
+  nothing between them;
+- split (as in a training step without remat): one jit runs the forward and returns what the backward needs
+  (the kernel's custom_vjp residuals; for the reference, whatever JAX's autodiff saves), a second jit runs
+  the backward from them; the time is the sum of the two. Achieved GB/s counts the bytes a fused pass must move:
 forward reads gate and up and writes out (3 arrays); backward reads gate, up and the cotangent and writes dgate
 and dup (5 arrays); forward+backward is their sum (8 arrays). The ceiling is `copy_gbps` (an XLA `x * 2`,
 read + write) at the same shape and dtype, measured in the same run. --sweep also times GPU tuning options
@@ -48,25 +53,37 @@ def _forward_backward(fn):
   return jax.jit(run)
 
 
+def _split_seconds(fn, args, cotangent, iters):
+  """Seconds of a forward jit that returns the residuals plus a backward jit that consumes them."""
+  forward = jax.jit(lambda a: jax.vjp(fn, *a))
+  backward = jax.jit(lambda vjp, ct: vjp(ct))
+  _, vjp = forward(args)
+  return (median_seconds(forward, args, iters=iters)
+          + median_seconds(backward, vjp, cotangent, iters=iters))
+
+
 def _time_pair(fn, args, cotangent, iters):
-  """(forward seconds, forward+backward seconds, forward output) of fn(gate, up, weight, bias)."""
+  """(forward s, fused forward+backward s, split forward+backward s, forward output) of fn(gate, up, w, b)."""
   forward = jax.jit(fn)
   out = forward(*args)
   return (median_seconds(forward, *args, iters=iters),
-          median_seconds(_forward_backward(fn), args, cotangent, iters=iters), out)
+          median_seconds(_forward_backward(fn), args, cotangent, iters=iters),
+          _split_seconds(fn, args, cotangent, iters), out)
 
 
-def _row(name, shape, dtype, forward_s, total_s, copy, reference=None, error=None):
+def _row(name, shape, dtype, forward_s, total_s, split_s, copy, reference=None, error=None):
   size = shape[0] * shape[1] * jnp.dtype(dtype).itemsize
   row = {
       "impl": name, "shape": list(shape), "dtype": jnp.dtype(dtype).name,
       "fwd_ms": forward_s * 1e3, "fwd_bwd_ms": total_s * 1e3, "bwd_ms": (total_s - forward_s) * 1e3,
+      "split_fwd_bwd_ms": split_s * 1e3,
       "fwd_gbps": 3 * size / forward_s / 1e9, "fwd_bwd_gbps": 8 * size / total_s / 1e9, "copy_gbps": copy,
   }
   row["fwd_bwd_pct_copy"] = 100 * row["fwd_bwd_gbps"] / copy
   if reference is not None:
     row["fwd_speedup"] = reference["fwd_ms"] / row["fwd_ms"]
     row["fwd_bwd_speedup"] = reference["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+    row["split_speedup"] = reference["split_fwd_bwd_ms"] / row["split_fwd_bwd_ms"]
   if error is not None:
     row["max_rel_err_fwd"] = error
   return row
@@ -83,8 +100,8 @@ def bench_shape(shape, dtype, impl, sweep, iters, interpret=False):
   args = _inputs(shape, dtype)
   cotangent = random_like(jax.random.key(1), args[0])
   copy = copy_gbps(shape, dtype)
-  forward_s, total_s, want = _time_pair(mul_polynorm_reference, args, cotangent, iters)
-  reference = _row("reference", shape, dtype, forward_s, total_s, copy)
+  forward_s, total_s, split_s, want = _time_pair(mul_polynorm_reference, args, cotangent, iters)
+  reference = _row("reference", shape, dtype, forward_s, total_s, split_s, copy)
   rows = [reference]
   one_device = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1],
                              axis_types=(jax.sharding.AxisType.Auto,) * 3)
@@ -95,18 +112,20 @@ def bench_shape(shape, dtype, impl, sweep, iters, interpret=False):
   for name, function, kwargs in options:
     fn = functools.partial(function, impl=impl, interpret=interpret, **kwargs)
     try:
-      forward_s, total_s, got = _time_pair(fn, args, cotangent, iters)
+      forward_s, total_s, split_s, got = _time_pair(fn, args, cotangent, iters)
     except Exception as e:  # a tuning option the compiler rejects (registers, shared memory): report, go on
       rows.append({"impl": name, "shape": list(shape), "error": f"{type(e).__name__}: {str(e)[:200]}"})
       continue
-    rows.append(_row(name, shape, dtype, forward_s, total_s, copy, reference, _relative_error(got, want)))
+    rows.append(_row(name, shape, dtype, forward_s, total_s, split_s, copy, reference,
+                     _relative_error(got, want)))
   return rows
 
 
 def _print_table(rows):
   columns = [("impl", "{}"), ("shape", "{}"), ("fwd_ms", "{:.3f}"), ("fwd_bwd_ms", "{:.3f}"), ("bwd_ms", "{:.3f}"),
              ("fwd_gbps", "{:.0f}"), ("fwd_bwd_gbps", "{:.0f}"), ("copy_gbps", "{:.0f}"),
-             ("fwd_bwd_pct_copy", "{:.1f}"), ("fwd_speedup", "{:.2f}"), ("fwd_bwd_speedup", "{:.2f}"),
+             ("fwd_bwd_pct_copy", "{:.1f}"), ("split_fwd_bwd_ms", "{:.3f}"), ("fwd_speedup", "{:.2f}"),
+             ("fwd_bwd_speedup", "{:.2f}"), ("split_speedup", "{:.2f}"),
              ("max_rel_err_fwd", "{:.1e}")]
   print(" | ".join(name for name, _ in columns))
   for row in rows:

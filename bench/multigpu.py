@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402  (after the path set-up above)
 import numpy as np  # noqa: E402
 
-from bench.train_step import DATASHEET_PEAK, synthetic_batch, time_train_step  # noqa: E402
-from motif_jax import configs, metrics  # noqa: E402
+from bench.train_step import DATASHEET_PEAK, synthetic_batch, time_train_step, variant_config  # noqa: E402
+from motif_jax import metrics  # noqa: E402
 
 
 def main(argv):
@@ -41,11 +41,7 @@ def main(argv):
   parser.add_argument("--mesh_shape", default="1,-1,1")
   args = parser.parse_args(argv)
 
-  attention_impl, mlp_impl, remat = args.variant.split("/")
-  overrides = dict(attention_impl=attention_impl, mlp_impl=mlp_impl, remat_policy=remat)
-  if args.layers:
-    overrides["num_layers"] = args.layers
-  cfg = configs.get_model_config(args.model, **overrides)
+  cfg = variant_config(args.model, args.variant, args.layers)
   devices = jax.devices()
   rows = args.rows_per_device * len(devices)
   batch = synthetic_batch(rows, args.seq_len, cfg.vocab_size)

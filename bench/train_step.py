@@ -1,6 +1,6 @@
 """Training-step throughput on one accelerator: `python bench/train_step.py [options]`.
 
-    python bench/train_step.py [--model motif-2.6b] [--batch 2] [--seq_len 4096] [--steps 5]
+    python bench/train_step.py [--model motif-2.6b] [--batch 2] [--micro_batches 1] [--seq_len 4096] [--steps 5]
                                [--variants reference/reference/full,...] [--layers N]
 
 Builds the preset (optionally with fewer layers), synthetic random tokens, and the real jitted train
@@ -40,15 +40,23 @@ def synthetic_batch(rows: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
               positions=jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (rows, seq_len)))
 
 
-def time_train_step(cfg: configs.ModelConfig, batch: dict, steps: int, *, devices=None,
-                    mesh_shape=(1, -1, 1), micro_batches: int = 1,
-                    time_optimizer: bool = False) -> dict:
-  """Times the jitted MuonClip train step of `cfg` on `batch` over `devices` (default: the first).
+def variant_config(model: str, variant: str, layers: int | None = None) -> configs.ModelConfig:
+  """The preset `model` with a variant "attention_impl/mlp_impl/remat_policy" (and `layers`) applied."""
+  attention_impl, mlp_impl, remat = variant.split("/")
+  overrides = dict(attention_impl=attention_impl, mlp_impl=mlp_impl, remat_policy=remat)
+  if layers:
+    overrides["num_layers"] = layers
+  return configs.get_model_config(model, **overrides)
+
+
+def build_train_step(cfg: configs.ModelConfig, batch: dict, *, devices=None,
+                     mesh_shape=(1, -1, 1), micro_batches: int = 1) -> dict:
+  """Compiles the jitted MuonClip train step of `cfg` for `batch` over `devices` (default: the first).
 
   Parameters, optimizer state and batch are laid out by the default logical-axis rules on a mesh of
-  `mesh_shape`; the batch's rows split into `micro_batches` accumulated micro-batches. Returns step seconds, peak device bytes (compiled memory analysis), the losses of
-  the warm-up step and the timed steps, and with `time_optimizer` the seconds of the optimizer
-  update alone (MuonClip with Parallel Muon, on the same layout).
+  `mesh_shape`; the batch's rows split into `micro_batches` accumulated micro-batches. Returns a dict
+  with the `compiled` step, the initial `state` and `batch` on device, `memory` (the compiled memory
+  analysis), and `tx`, `mesh`, `param_shardings`, `shardings` for callers that time parts of it.
   """
   devices = jax.devices()[:1] if devices is None else devices
   mesh = sharding.make_mesh(mesh_shape, devices)
@@ -71,8 +79,30 @@ def time_train_step(cfg: configs.ModelConfig, batch: dict, steps: int, *, device
                    in_shardings=(shardings, None),
                    out_shardings=(shardings, None), donate_argnums=(0,))
     compiled = step.lower(state, batch).compile()
-    memory = compiled.memory_analysis()
+  return dict(compiled=compiled, state=state, batch=batch, memory=compiled.memory_analysis(), tx=tx,
+              mesh=mesh, param_shardings=param_shardings, shardings=shardings)
 
+
+def peak_bytes(memory) -> int:
+  """Peak device bytes of a compiled memory analysis (or the sum of its parts when not reported)."""
+  peak = getattr(memory, "peak_memory_in_bytes", None) or (
+      memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes)
+  return int(peak)
+
+
+def time_train_step(cfg: configs.ModelConfig, batch: dict, steps: int, *, devices=None,
+                    mesh_shape=(1, -1, 1), micro_batches: int = 1,
+                    time_optimizer: bool = False) -> dict:
+  """Times the step `build_train_step` compiles: one warm-up step, then `steps` timed ones.
+
+  Returns step seconds, peak device bytes (compiled memory analysis), the losses of the warm-up step
+  and the timed steps, and with `time_optimizer` the seconds of the optimizer update alone (MuonClip
+  with Parallel Muon, on the same layout).
+  """
+  built = build_train_step(cfg, batch, devices=devices, mesh_shape=mesh_shape,
+                           micro_batches=micro_batches)
+  compiled, state, batch = built["compiled"], built["state"], built["batch"]
+  with jax.set_mesh(built["mesh"]):
     losses = []
     state, metrics_ = compiled(state, batch)  # warm-up
     losses.append(metrics_["loss"])
@@ -85,15 +115,14 @@ def time_train_step(cfg: configs.ModelConfig, batch: dict, steps: int, *, device
     seconds = (time.perf_counter() - start) / steps
     result = {"step_seconds": seconds, "losses": [float(x) for x in losses]}
     if time_optimizer:
+      tx, param_shardings = built["tx"], built["param_shardings"]
       max_logits = jnp.zeros((cfg.num_layers, cfg.num_kv_groups, cfg.signal_heads_per_group + 1))
       update = jax.jit(lambda g, o, p: tx.update(g, o, p, max_logits=max_logits)[0],
-                       in_shardings=(param_shardings, shardings.opt_state, param_shardings),
+                       in_shardings=(param_shardings, built["shardings"].opt_state, param_shardings),
                        out_shardings=param_shardings)
       result["optimizer_seconds"] = median_seconds(update, state.params, state.opt_state,
                                                    state.params, warmup=2, iters=5)
-  peak = getattr(memory, "peak_memory_in_bytes", None) or (
-      memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes)
-  result["peak_bytes"] = int(peak)
+  result["peak_bytes"] = peak_bytes(built["memory"])
   return result
 
 
@@ -101,7 +130,9 @@ def main(argv):
   parser = argparse.ArgumentParser(prog="bench/train_step.py")
   parser.add_argument("--model", default="motif-2.6b")
   parser.add_argument("--layers", type=int, default=None, help="override num_layers")
-  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--batch", type=int, default=2, help="rows per optimizer step")
+  parser.add_argument("--micro_batches", type=int, default=1,
+                      help="accumulated micro-batches the rows split into (tokens per update unchanged)")
   parser.add_argument("--seq_len", type=int, default=4096)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--variants", default="reference/reference/full")
@@ -111,14 +142,10 @@ def main(argv):
   batch = None
   results = []
   for variant in args.variants.split(","):
-    attention_impl, mlp_impl, remat = variant.split("/")
-    overrides = dict(attention_impl=attention_impl, mlp_impl=mlp_impl, remat_policy=remat)
-    if args.layers:
-      overrides["num_layers"] = args.layers
-    cfg = configs.get_model_config(args.model, **overrides)
+    cfg = variant_config(args.model, variant, args.layers)
     batch = batch or synthetic_batch(args.batch, args.seq_len, cfg.vocab_size)
     try:
-      timing = time_train_step(cfg, batch, args.steps)
+      timing = time_train_step(cfg, batch, args.steps, micro_batches=args.micro_batches)
     except Exception as error:  # a variant that does not compile or fit is reported, not fatal
       results.append({"variant": variant, "error": f"{type(error).__name__}: {str(error)[:300]}"})
       continue
@@ -127,7 +154,7 @@ def main(argv):
     seconds = timing["step_seconds"]
     results.append({
         "variant": variant, "model": args.model, "layers": cfg.num_layers,
-        "batch": args.batch, "seq_len": args.seq_len, "tokens_per_s": tokens / seconds,
+        "batch": args.batch, "micro_batches": args.micro_batches, "seq_len": args.seq_len, "tokens_per_s": tokens / seconds,
         "step_ms": seconds * 1e3, "mfu_datasheet": flops / seconds / DATASHEET_PEAK,
         "mfu_measured_ceiling": flops / seconds / ceiling, "peak_gib": timing["peak_bytes"] / 2**30,
         "flops_per_step": flops})

@@ -55,37 +55,45 @@ def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef,
   def summed_loss(params, micro):
     model = nnx.merge(graphdef, params)
     logits, aux = model(micro["inputs"], micro["positions"], micro["segment_ids"], return_aux=True)
-    loss_sum, weight_sum = cross_entropy(logits, micro["targets"], micro["loss_weights"],
-                                         z_loss_weight)
+    with jax.named_scope("cross_entropy"):
+      loss_sum, weight_sum = cross_entropy(logits, micro["targets"], micro["loss_weights"],
+                                           z_loss_weight)
     return loss_sum, (weight_sum, aux["max_logits"])
 
   grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
-  def train_step(state: TrainState, batch):
+  def summed_grads(params, batch):
+    """(grads, loss sum, weight sum, max logits) summed over the batch's micro-batches."""
+    if micro_batches == 1:  # no accumulation buffer: the gradients are the step's own
+      (loss_sum, (weight_sum, max_logits)), grads = grad_fn(params, batch)
+      return grads, loss_sum, weight_sum, max_logits
     rows = batch["inputs"].shape[0]
     micro = jax.tree.map(lambda x: x.reshape((micro_batches, rows // micro_batches) + x.shape[1:]),
                          batch)
 
     def accumulate(carry, micro_batch):
       grads, loss_sum, weight_sum, max_logits = carry
-      (loss, (weight, logits_max)), micro_grads = grad_fn(state.params, micro_batch)
+      (loss, (weight, logits_max)), micro_grads = grad_fn(params, micro_batch)
       return (jax.tree.map(jnp.add, grads, micro_grads), loss_sum + loss, weight_sum + weight,
               jnp.maximum(max_logits, logits_max)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
     init_max = jnp.full((cfg.num_layers, cfg.num_kv_groups, cfg.signal_heads_per_group + 1),
                         -jnp.inf, jnp.float32)
-    (grads, loss_sum, weight_sum, max_logits), _ = jax.lax.scan(
-        accumulate, (zeros, 0.0, 0.0, init_max), micro)
-    denominator = jnp.maximum(weight_sum, 1.0)
-    grads = jax.tree.map(lambda g: g / denominator, grads)
-    loss, grad_norm = loss_sum / denominator, optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, max_logits=max_logits)
-    params = optax.apply_updates(state.params, updates)
-    # A NaN or inf anywhere in the gradients makes their norm non-finite: such a step is skipped.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                     (params, opt_state), (state.params, state.opt_state))
+    return jax.lax.scan(accumulate, (zeros, 0.0, 0.0, init_max), micro)[0]
+
+  def train_step(state: TrainState, batch):
+    grads, loss_sum, weight_sum, max_logits = summed_grads(state.params, batch)
+    with jax.named_scope("optimizer"):
+      denominator = jnp.maximum(weight_sum, 1.0)
+      grads = jax.tree.map(lambda g: g / denominator, grads)
+      loss, grad_norm = loss_sum / denominator, optax.global_norm(grads)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params, max_logits=max_logits)
+      params = optax.apply_updates(state.params, updates)
+      # A NaN or inf anywhere in the gradients makes their norm non-finite: such a step is skipped.
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                       (params, opt_state), (state.params, state.opt_state))
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,

@@ -98,22 +98,26 @@ class GroupedDifferentialAttention(nnx.Module):
     cfg, dt = self.cfg, x.dtype
     b, t, _ = x.shape
     g, s, hd = cfg.num_kv_groups, cfg.signal_heads_per_group, cfg.head_dim
-    q = jnp.einsum("btd,dh->bth", x, self.wq[...].astype(dt)).reshape(b, t, g, s + 1, hd)
-    k = jnp.einsum("btd,dh->bth", x, self.wk[...].astype(dt)).reshape(b, t, g, 2, hd)
-    v = jnp.einsum("btd,dh->bth", x, self.wv[...].astype(dt)).reshape(b, t, g, 2 * hd)
-    q = constrain(rotary_embedding(q, positions, cfg.rope_theta),
-                  ("batch", "act_length", "act_groups", None, None), self.rules)
-    k = constrain(rotary_embedding(k, positions, cfg.rope_theta),
-                  ("batch", "act_length", "act_groups", None, None), self.rules)
-    v = constrain(v, ("batch", "act_length", "act_groups", None), self.rules)
-    maps = self._attend(q[:, :, :, :s], q[:, :, :, s], k[:, :, :, 0], k[:, :, :, 1], v, segment_ids)
+    with jax.named_scope("attention_projections"):
+      q = jnp.einsum("btd,dh->bth", x, self.wq[...].astype(dt)).reshape(b, t, g, s + 1, hd)
+      k = jnp.einsum("btd,dh->bth", x, self.wk[...].astype(dt)).reshape(b, t, g, 2, hd)
+      v = jnp.einsum("btd,dh->bth", x, self.wv[...].astype(dt)).reshape(b, t, g, 2 * hd)
+      q = constrain(rotary_embedding(q, positions, cfg.rope_theta),
+                    ("batch", "act_length", "act_groups", None, None), self.rules)
+      k = constrain(rotary_embedding(k, positions, cfg.rope_theta),
+                    ("batch", "act_length", "act_groups", None, None), self.rules)
+      v = constrain(v, ("batch", "act_length", "act_groups", None), self.rules)
+    with jax.named_scope("attention_core"):
+      maps = self._attend(q[:, :, :, :s], q[:, :, :, s], k[:, :, :, 0], k[:, :, :, 1], v,
+                          segment_ids)
 
-    lambda_init = cfg.lambda_init(layer_index)
-    lam = self.differential_lambda(lambda_init)
-    combined = maps.signal.astype(jnp.float32) - lam * maps.noise.astype(jnp.float32)[:, :, :, None]
-    normed = rms_normalize(combined, cfg.attention_norm_eps) * self.sub_norm_scale[...]
-    heads = ((1.0 - lambda_init) * normed).astype(dt).reshape(b, t, g * s * 2 * hd)
-    return jnp.einsum("bth,hd->btd", heads, self.wo[...].astype(dt)), maps.max_logits
+    with jax.named_scope("attention_output"):
+      lambda_init = cfg.lambda_init(layer_index)
+      lam = self.differential_lambda(lambda_init)
+      combined = maps.signal.astype(jnp.float32) - lam * maps.noise.astype(jnp.float32)[:, :, :, None]
+      normed = rms_normalize(combined, cfg.attention_norm_eps) * self.sub_norm_scale[...]
+      heads = ((1.0 - lambda_init) * normed).astype(dt).reshape(b, t, g * s * 2 * hd)
+      return jnp.einsum("bth,hd->btd", heads, self.wo[...].astype(dt)), maps.max_logits
 
   def _attend(self, q_signal, q_noise, k_signal, k_noise, value, segment_ids) -> AttentionMaps:
     cfg = self.cfg

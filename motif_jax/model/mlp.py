@@ -33,16 +33,19 @@ class PolyNormMLP(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [batch, seq, hidden] in the compute dtype -> [batch, seq, hidden]."""
     dt = x.dtype
-    gate = jnp.einsum("btd,df->btf", x, self.w_gate[...].astype(dt))
-    up = jnp.einsum("btd,df->btf", x, self.w_up[...].astype(dt))
-    gate = constrain(gate, ("batch", "act_length", "act_mlp"), self.rules)
-    up = constrain(up, ("batch", "act_length", "act_mlp"), self.rules)
-    weight, bias = self.polynorm_weight[...], self.polynorm_bias[...]
-    if self.cfg.mlp_impl == "pallas":
-      hidden = self._fused_polynorm(gate, up, weight, bias)
-    else:
-      hidden = polynorm.mul_polynorm_reference(gate, up, weight, bias, eps=self.cfg.norm_eps)
-    return jnp.einsum("btf,fd->btd", hidden, self.w_down[...].astype(dt))
+    with jax.named_scope("mlp_matmuls"):
+      gate = jnp.einsum("btd,df->btf", x, self.w_gate[...].astype(dt))
+      up = jnp.einsum("btd,df->btf", x, self.w_up[...].astype(dt))
+      gate = constrain(gate, ("batch", "act_length", "act_mlp"), self.rules)
+      up = constrain(up, ("batch", "act_length", "act_mlp"), self.rules)
+    with jax.named_scope("polynorm"):
+      weight, bias = self.polynorm_weight[...], self.polynorm_bias[...]
+      if self.cfg.mlp_impl == "pallas":
+        hidden = self._fused_polynorm(gate, up, weight, bias)
+      else:
+        hidden = polynorm.mul_polynorm_reference(gate, up, weight, bias, eps=self.cfg.norm_eps)
+    with jax.named_scope("mlp_matmuls"):
+      return jnp.einsum("btf,fd->btd", hidden, self.w_down[...].astype(dt))
 
   def _fused_polynorm(self, gate, up, weight, bias):
     """The Pallas kernel; under a multi-device mesh, per shard with the row sums reduced over tensor."""

@@ -37,10 +37,16 @@ class DecoderBlock(nnx.Module):
 
   def __call__(self, x, positions, segment_ids, layer_index):
     """x: [batch, seq, hidden] -> (same shape, max_logits float32 [groups, signal + 1])."""
-    attn_out, max_logits = self.attn(self.attn_norm(x), positions, segment_ids, layer_index)
-    h = x + attn_out
-    y = h + self.mlp(self.mlp_norm(h))
-    return constrain(y, ("batch", "act_length", "act_embed"), self.rules), max_logits
+    with jax.named_scope("norm_residual"):
+      normed = self.attn_norm(x)
+    attn_out, max_logits = self.attn(normed, positions, segment_ids, layer_index)
+    with jax.named_scope("norm_residual"):
+      h = x + attn_out
+      normed = self.mlp_norm(h)
+    mlp_out = self.mlp(normed)
+    with jax.named_scope("norm_residual"):
+      y = constrain(h + mlp_out, ("batch", "act_length", "act_embed"), self.rules)
+    return y, max_logits
 
 
 class MotifForCausalLM(nnx.Module):
@@ -74,8 +80,9 @@ class MotifForCausalLM(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     compute = jnp.dtype(cfg.compute_dtype)
-    x = jnp.take(self.embedding[...], tokens, axis=0).astype(compute)
-    x = constrain(x, ("batch", "act_length", "act_embed"), self.rules)
+    with jax.named_scope("embedding"):
+      x = jnp.take(self.embedding[...], tokens, axis=0).astype(compute)
+      x = constrain(x, ("batch", "act_length", "act_embed"), self.rules)
 
     graphdef, stacked = nnx.split(self.blocks)
 
@@ -87,10 +94,11 @@ class MotifForCausalLM(nnx.Module):
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
     x, max_logits = jax.lax.scan(layer, x, (stacked, jnp.arange(cfg.num_layers)))
 
-    x = self.final_norm(x)
-    head = self.embedding[...].T if cfg.tie_embeddings else self.lm_head[...]
-    logits = jnp.einsum("btd,dv->btv", x, head.astype(compute), preferred_element_type=jnp.float32)
-    logits = constrain(logits, ("batch", "act_length", "act_vocab"), self.rules)
+    with jax.named_scope("lm_head"):
+      x = self.final_norm(x)
+      head = self.embedding[...].T if cfg.tie_embeddings else self.lm_head[...]
+      logits = jnp.einsum("btd,dv->btv", x, head.astype(compute), preferred_element_type=jnp.float32)
+      logits = constrain(logits, ("batch", "act_length", "act_vocab"), self.rules)
     return (logits, {"max_logits": max_logits}) if return_aux else logits
 
 
