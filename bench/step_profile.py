@@ -16,11 +16,13 @@ $OUT/step_profile.json when OUT is set.
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import glob
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -85,14 +87,49 @@ def classify(op_name: str) -> tuple[str, str]:
   return part, "forward"
 
 
-def _kernel_events(profile_dir: str):
-  """(name, start_ns, duration_ns, stats) of every kernel on the first GPU/TPU device plane."""
+def _load_trace(profile_dir: str):
   from jax.profiler import ProfileData
 
   paths = sorted(glob.glob(os.path.join(profile_dir, "**", "*.xplane.pb"), recursive=True))
   if not paths:
     raise RuntimeError(f"the profiler wrote no .xplane.pb under {profile_dir}")
-  data = ProfileData.from_file(paths[-1])
+  return paths[-1], ProfileData.from_file(paths[-1])
+
+
+def _stats(event) -> dict:
+  return {name: value for name, value in event.stats}
+
+
+def _host_hlo_ops(data, op_names: dict[str, str]) -> dict[int, str]:
+  """correlation id -> hlo_op, from the host threads: each kernel launch (a CUPTI API event carrying
+  `correlation_id`) lies inside the annotation XLA opens around the thunk that launched it (an event
+  carrying `hlo_op`, or named like an HLO instruction)."""
+  by_id = {}
+  for plane in data.planes:
+    if not plane.name.startswith("/host"):
+      continue
+    for line in plane.lines:
+      annotations, launches = [], []
+      for event in line.events:
+        stats = _stats(event)
+        if "correlation_id" in stats:
+          launches.append((event.start_ns, int(stats["correlation_id"])))
+        hlo_op = stats.get("hlo_op") or (event.name if event.name in op_names else None)
+        if hlo_op:
+          annotations.append((event.start_ns, event.start_ns + event.duration_ns, str(hlo_op)))
+      annotations.sort()
+      starts = [a[0] for a in annotations]
+      for time_ns, correlation in launches:
+        index = bisect.bisect_right(starts, time_ns) - 1
+        while index >= 0 and annotations[index][1] < time_ns and time_ns - starts[index] < 1e9:
+          index -= 1  # an earlier annotation may still enclose the launch (nesting)
+        if index >= 0 and annotations[index][1] >= time_ns:
+          by_id[correlation] = annotations[index][2]
+  return by_id
+
+
+def _kernel_events(data, op_names: dict[str, str]):
+  """(kernel name, start_ns, duration_ns, hlo_op) of every kernel on the first GPU/TPU device plane."""
   planes = [p for p in data.planes if p.name.startswith(("/device:GPU", "/device:TPU"))]
   if planes:
     plane = sorted(planes, key=lambda p: p.name)[0]
@@ -103,24 +140,28 @@ def _kernel_events(profile_dir: str):
     plane = next(p for p in data.planes if p.name == "/host:CPU")
     lines = [line for line in plane.lines if line.name.startswith("tf_XLA")]
   print(f"trace plane {plane.name}: lines {[line.name for line in plane.lines]}")
-  events = []
+  launched_by = _host_hlo_ops(data, op_names) if planes else {}
+  events, shown = [], 0
   for line in lines:
     for event in line.events:
-      stats = dict(event.stats)
+      stats = _stats(event)
+      if shown < 3 and planes:
+        print(f"  kernel event {event.name[:60]!r} stats {sorted(stats)}")
+        shown += 1
+      correlation = stats.get("correlation_id")
+      if "hlo_op" in stats:
+        hlo_op = str(stats["hlo_op"])
+      elif correlation is not None and int(correlation) in launched_by:
+        hlo_op = launched_by[int(correlation)]
+      elif planes:
+        hlo_op = event.name  # XLA names a fusion's kernel after the fusion
+      else:
+        continue
       # On XLA:CPU a while/call thunk encloses its body's thunks: count the body only.
-      if planes or ("hlo_op" in stats and not re.match(r"(while|call|conditional)\b", event.name)):
-        events.append((event.name, event.start_ns, event.duration_ns, stats))
+      if not planes and re.match(r"(while|call|conditional)\b", event.name):
+        continue
+      events.append((event.name, event.start_ns, event.duration_ns, hlo_op))
   return events
-
-
-def _hlo_op(name: str, stats: dict) -> str:
-  if "hlo_op" in stats:
-    return str(stats["hlo_op"])
-  for value in stats.values():
-    found = re.search(r"hlo_op=([^,#\s]+)", str(value))
-    if found:
-      return found.group(1)
-  return name
 
 
 def breakdown(events, op_names: dict[str, str], steps: int) -> tuple[dict, list, float]:
@@ -128,8 +169,7 @@ def breakdown(events, op_names: dict[str, str], steps: int) -> tuple[dict, list,
   table = collections.defaultdict(lambda: {"ms": 0.0, "matmul_ms": 0.0})
   kernels = collections.defaultdict(lambda: {"ms": 0.0, "count": 0, "op_name": ""})
   intervals = []
-  for name, start, duration, stats in events:
-    hlo_op = _hlo_op(name, stats)
+  for name, start, duration, hlo_op in events:
     op_name = op_names.get(hlo_op) or op_names.get(re.sub(r"[.\-]", "_", hlo_op), "")
     key = classify(op_name)
     ms = duration / 1e6 / steps
@@ -161,6 +201,7 @@ def main(argv):
   parser.add_argument("--variant", default="pallas/pallas/full", help="attention/mlp/remat")
   parser.add_argument("--steps", type=int, default=2, help="traced steps")
   parser.add_argument("--top", type=int, default=15, help="slowest kernels to list")
+  parser.add_argument("--dump", action="store_true", help="also copy the trace and HLO text to $OUT")
   args = parser.parse_args(argv)
 
   cfg = variant_config(args.model, args.variant, args.layers)
@@ -182,7 +223,15 @@ def main(argv):
     wall_ms = (time.perf_counter() - start) * 1e3 / args.steps
     jax.profiler.stop_trace()
 
-  table, top, busy_ms = breakdown(_kernel_events(profile_dir), op_names, args.steps)
+  trace_path, data = _load_trace(profile_dir)
+  events = _kernel_events(data, op_names)
+  mapped = sum(1 for e in events if op_names.get(e[3]) or op_names.get(re.sub(r"[.\-]", "_", e[3])))
+  print(f"{len(events)} kernels traced, {mapped} mapped to an HLO op_name")
+  if args.dump and os.environ.get("OUT"):  # the raw trace and HLO, to study offline
+    shutil.copy(trace_path, os.path.join(os.environ["OUT"], "step.xplane.pb"))
+    with open(os.path.join(os.environ["OUT"], "step_hlo.txt"), "w") as f:
+      f.write(compiled.as_text())
+  table, top, busy_ms = breakdown(events, op_names, args.steps)
   tokens = args.batch * args.seq_len
   flops = metrics.train_flops_per_token(cfg, args.seq_len) * tokens
   print(f"\n{args.model} layers={cfg.num_layers} batch={args.batch} micro_batches={args.micro_batches} "

@@ -9,7 +9,7 @@ from flax import nnx
 from motif_jax import configs, sharding
 from motif_jax.model import MotifForCausalLM, abstract_params, param_logical_axes, split_model
 from motif_jax.model.attention import GroupedDifferentialAttention
-from motif_jax.model.layers import rms_normalize, rotary_embedding
+from motif_jax.model.layers import lm_logits, rms_normalize, rotary_embedding
 
 
 def test_parameter_counts_match_the_released_models():
@@ -146,3 +146,21 @@ def test_abstract_12_7b_sharded_over_8_devices_reports_per_device_bytes(devices)
   assert max(per_device.values()) == min(per_device.values())
   # 1-D params are replicated; everything else splits 8 ways.
   assert total / 8 <= max(per_device.values()) < total / 8 * 1.001
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_lm_logits_gradients_match_autodiff_of_the_float32_matmul(dtype, tolerance):
+  """lm_logits' backward (cotangent cast to the compute dtype) against autodiff in float32."""
+  kx, kh, kc = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(kx, (2, 16, 64), jnp.float32)
+  head = jax.random.normal(kh, (64, 384), jnp.float32) / 8
+  cotangent = jax.random.normal(kc, (2, 16, 384), jnp.float32)
+  exact = jax.vjp(lambda a, b: jnp.einsum("btd,dv->btv", a, b), x, head)
+  got = jax.vjp(lm_logits, x.astype(dtype), head.astype(dtype))
+  assert got[0].dtype == jnp.float32
+  np.testing.assert_allclose(got[0], exact[0], rtol=tolerance, atol=tolerance)
+  for g, want in zip(got[1](cotangent), exact[1](cotangent)):
+    assert g.dtype == dtype
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(np.asarray(g, np.float32) / scale, np.asarray(want) / scale,
+                               atol=tolerance)

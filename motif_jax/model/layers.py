@@ -59,3 +59,30 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Ar
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x.dtype)
+
+
+@jax.custom_vjp
+def lm_logits(x: jax.Array, head: jax.Array) -> jax.Array:
+  """x: [batch, seq, hidden] @ head: [hidden, vocab] -> float32 logits [batch, seq, vocab].
+
+  Both operands in the compute dtype, accumulated in float32. The backward casts the float32
+  logits cotangent to the compute dtype before its two matmuls (float32 accumulation), as every other
+  backward matmul of the model runs; left to autodiff, both would run in float32 (TF32 on GPUs, about
+  half the bf16 rate) over the full vocabulary.
+  """
+  return jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+
+
+def _lm_logits_fwd(x, head):
+  return lm_logits(x, head), (x, head)
+
+
+def _lm_logits_bwd(residuals, cotangent):
+  x, head = residuals
+  cotangent = cotangent.astype(x.dtype)
+  dx = jnp.einsum("btv,dv->btd", cotangent, head, preferred_element_type=jnp.float32)
+  dhead = jnp.einsum("btd,btv->dv", x, cotangent, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dhead.astype(head.dtype)
+
+
+lm_logits.defvjp(_lm_logits_fwd, _lm_logits_bwd)

@@ -13,7 +13,7 @@ from flax import nnx
 
 from motif_jax.configs import ModelConfig
 from motif_jax.model.attention import GroupedDifferentialAttention
-from motif_jax.model.layers import RMSNorm, normal_init, param
+from motif_jax.model.layers import RMSNorm, lm_logits, normal_init, param
 from motif_jax.model.mlp import PolyNormMLP
 from motif_jax.sharding import Rules, constrain
 
@@ -97,7 +97,7 @@ class MotifForCausalLM(nnx.Module):
     with jax.named_scope("lm_head"):
       x = self.final_norm(x)
       head = self.embedding[...].T if cfg.tie_embeddings else self.lm_head[...]
-      logits = jnp.einsum("btd,dv->btv", x, head.astype(compute), preferred_element_type=jnp.float32)
+      logits = lm_logits(x, head.astype(compute))
       logits = constrain(logits, ("batch", "act_length", "act_vocab"), self.rules)
     return (logits, {"max_logits": max_logits}) if return_aux else logits
 
