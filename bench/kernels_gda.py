@@ -1,6 +1,7 @@
 """GDA attention benchmark: `python bench/kernels.py gda [--seq-lens 4096,8192] [--sweep]`.
 
-12.7B head layout (G=8 groups, S=4 signal heads + 1 noise head per group, head dim 128, value 256),
+12.7B head layout (G=8 groups, S=4 signal heads + 1 noise head per group, head dim 128, value 256;
+--signal-heads 1 gives the 2.6B layout),
 batch 2, bfloat16, causal. Times the forward and the forward+backward (`jax.vjp` with random
 cotangents on both outputs) of:
   pallas         `gda_attention(impl="pallas_gpu")` (or "pallas_tpu" on a TPU), max logits included;
@@ -138,12 +139,16 @@ def main(argv):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--seq-lens", default="4096,8192")
   parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--signal-heads", type=int, default=SIGNAL_HEADS,
+                      help="signal heads per group: 4 is the 12.7B layout, 1 the 2.6B one")
   parser.add_argument("--reference-max-len", type=int, default=4096,
                       help="longest T for the rows that materialise T x T scores")
   parser.add_argument("--sweep", action="store_true", help="tune the Pallas GPU tiles first")
   parser.add_argument("--impls", default="pallas,cudnn-4call,cudnn+stats,tokamax-2call,reference",
                       help="comma-separated rows to time")
   args = parser.parse_args(argv)
+  global SIGNAL_HEADS  # the layout every helper here builds and counts
+  SIGNAL_HEADS = args.signal_heads
   seq_lens = [int(t) for t in args.seq_lens.split(",")]
   out_dir = os.environ.get("OUT") or "."
   backend = jax.default_backend()

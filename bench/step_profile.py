@@ -9,7 +9,8 @@ metadata and the named scopes the model sets (attention_projections, attention_c
 attention_output, mlp_matmuls, polynorm, norm_residual, embedding, lm_head, cross_entropy,
 optimizer). Each part is split by phase: forward, recompute (remat) and backward (JAX's
 `transpose(...)`), and by kernel kind (matmul or other). "idle" is the step's wall time during which
-no kernel ran (launch gaps, host work). Prints the table and the slowest kernels; writes JSON to
+no kernel ran (launch gaps, host work). The traced run disables XLA's CUDA-graph command buffers
+(which hide each kernel's HLO op), so its step time can differ a little from `bench/train_step.py`'s. Prints the table and the slowest kernels; writes JSON to
 $OUT/step_profile.json when OUT is set.
 """
 
@@ -28,6 +29,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Kernels replayed from a CUDA graph carry the graph's name, not their HLO op's: profile without them.
+if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
 
 import jax  # noqa: E402  (after the path set-up above)
 
@@ -149,7 +153,7 @@ def _kernel_events(data, op_names: dict[str, str]):
         print(f"  kernel event {event.name[:60]!r} stats {sorted(stats)}")
         shown += 1
       correlation = stats.get("correlation_id")
-      if "hlo_op" in stats:
+      if "hlo_op" in stats and not str(stats["hlo_op"]).startswith("command_buffer"):
         hlo_op = str(stats["hlo_op"])
       elif correlation is not None and int(correlation) in launched_by:
         hlo_op = launched_by[int(correlation)]
