@@ -135,6 +135,7 @@ def _cell(row, key):
 
 
 def main(argv):
+  global SIGNAL_HEADS  # the layout every helper here builds and counts (--signal-heads)
   parser = argparse.ArgumentParser(prog="bench/kernels.py gda", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--seq-lens", default="4096,8192")
@@ -147,7 +148,6 @@ def main(argv):
   parser.add_argument("--impls", default="pallas,cudnn-4call,cudnn+stats,tokamax-2call,reference",
                       help="comma-separated rows to time")
   args = parser.parse_args(argv)
-  global SIGNAL_HEADS  # the layout every helper here builds and counts
   SIGNAL_HEADS = args.signal_heads
   seq_lens = [int(t) for t in args.seq_lens.split(",")]
   out_dir = os.environ.get("OUT") or "."

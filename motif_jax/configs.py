@@ -12,7 +12,7 @@ import math
 
 ATTENTION_IMPLS = ("reference", "pallas", "cudnn")
 MLP_IMPLS = ("reference", "pallas")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention", "kernels")
 PALLAS_BACKENDS = ("auto", "tpu", "gpu")
 
 

@@ -37,6 +37,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
@@ -330,8 +331,9 @@ def _gpu_view(cfg: _Config, features: int) -> _GpuRow:
   return _GpuRow(features, min(cfg.block_cols or 4096, padded))
 
 
-def _call(cfg: _Config, kernel, gate, inputs, out_shapes):
-  """Runs `kernel(*input_refs, *output_refs, view=...)` over blocks of the rows of `gate` [rows, features].
+def _call(cfg: _Config, kernel, gate, inputs, out_shapes, name: str):
+  """Runs `kernel(*input_refs, *output_refs, view=...)` over blocks of the rows of `gate` [rows, features],
+  as the Pallas kernel `name` (the name profiles and jaxprs show).
 
   inputs and out_shapes are arrays / jax.ShapeDtypeStructs [rows, features] (features local to this device),
   row statistics [rows, 4], or coef [4].
@@ -353,7 +355,7 @@ def _call(cfg: _Config, kernel, gate, inputs, out_shapes):
         out_shape=out_shapes,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",),
                                              vmem_limit_bytes=48 * 2**20),
-        interpret=pltpu.InterpretParams() if cfg.interpret else False,
+        interpret=pltpu.InterpretParams() if cfg.interpret else False, name=name,
     )(*inputs)
   view = _gpu_view(cfg, features)
   return pl.pallas_call(
@@ -361,7 +363,7 @@ def _call(cfg: _Config, kernel, gate, inputs, out_shapes):
       grid=(rows,),
       out_shape=out_shapes,
       compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps or 8, num_stages=cfg.num_stages or 2),
-      interpret=cfg.interpret,
+      interpret=cfg.interpret, name=name,
   )(*inputs)
 
 
@@ -371,7 +373,8 @@ def _stats_shape(rows: int):
 
 def _power_sums_call(cfg: _Config, gate):
   """gate [rows, f] -> power sums [rows, 4] over these f features (partial when the features are sharded)."""
-  (sums,) = _call(cfg, _power_sums_kernel, gate, [gate], [_stats_shape(gate.shape[0])])
+  (sums,) = _call(cfg, _power_sums_kernel, gate, [gate], [_stats_shape(gate.shape[0])],
+                  "polynorm_power_sums")
   return sums
 
 
@@ -384,14 +387,16 @@ def _forward_call(cfg: _Config, gate, up, coef, inv_rms=None):
   kernel = functools.partial(_forward_kernel, features=cfg.features, eps=cfg.eps, fused=inv_rms is None)
   out_shape = jax.ShapeDtypeStruct(gate.shape, gate.dtype)
   if inv_rms is None:
-    return tuple(_call(cfg, kernel, gate, [coef, gate, up], [out_shape, _stats_shape(rows)]))
-  (out,) = _call(cfg, kernel, gate, [coef, gate, up, inv_rms], [out_shape])
+    return tuple(_call(cfg, kernel, gate, [coef, gate, up], [out_shape, _stats_shape(rows)],
+                       "polynorm_forward"))
+  (out,) = _call(cfg, kernel, gate, [coef, gate, up, inv_rms], [out_shape], "polynorm_forward")
   return out, inv_rms
 
 
 def _grad_sums_call(cfg: _Config, gate, up, dout):
   """gate, up, dout [rows, f] -> grad sums [rows, 4] over these f features (partial when sharded)."""
-  (sums,) = _call(cfg, _grad_sums_kernel, gate, [gate, up, dout], [_stats_shape(gate.shape[0])])
+  (sums,) = _call(cfg, _grad_sums_kernel, gate, [gate, up, dout], [_stats_shape(gate.shape[0])],
+                  "polynorm_grad_sums")
   return sums
 
 
@@ -404,8 +409,9 @@ def _backward_call(cfg: _Config, gate, up, dout, coef, inv_rms, grad_sums=None):
   grads_shape = [jax.ShapeDtypeStruct(gate.shape, gate.dtype), jax.ShapeDtypeStruct(up.shape, up.dtype)]
   inputs = [coef, gate, up, dout, inv_rms]
   if grad_sums is None:
-    return tuple(_call(cfg, kernel, gate, inputs, grads_shape + [_stats_shape(gate.shape[0])]))
-  dgate, dup = _call(cfg, kernel, gate, inputs + [grad_sums], grads_shape)
+    return tuple(_call(cfg, kernel, gate, inputs, grads_shape + [_stats_shape(gate.shape[0])],
+                       "polynorm_backward"))
+  dgate, dup = _call(cfg, kernel, gate, inputs + [grad_sums], grads_shape, "polynorm_backward")
   return dgate, dup, grad_sums
 
 
@@ -417,6 +423,9 @@ def _coef_grad(inv_rms, grad_sums):
 # ---------------------------------------------------------------------------------- custom VJP, unsharded
 
 
+CHECKPOINT_NAME = "polynorm"  # the name of the output and custom_vjp residuals (gate, up, statistics)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _mul_polynorm_rows(cfg: _Config, gate, up, coef):
   """gate, up [rows, features]; coef [4] -> [rows, features]."""
@@ -425,7 +434,13 @@ def _mul_polynorm_rows(cfg: _Config, gate, up, coef):
 
 def _mul_polynorm_rows_fwd(cfg, gate, up, coef):
   out, inv_rms = _forward_call(cfg, gate, up, coef)
-  return out, (gate, up, coef, inv_rms)
+  return checkpoint_name(out, CHECKPOINT_NAME), _named_residuals(gate, up, coef, inv_rms)
+
+
+def _named_residuals(*residuals):
+  """The residuals, named CHECKPOINT_NAME so that a remat policy can keep them (no recomputation);
+  the forward's output carries the name too (the down projection's backward reads it)."""
+  return tuple(checkpoint_name(x, CHECKPOINT_NAME) for x in residuals)
 
 
 def _mul_polynorm_rows_bwd(cfg, residuals, dout):
@@ -482,7 +497,7 @@ def _mul_polynorm_sharded(cfg: _Config, layout: _Layout, gate, up, coef):
 
 def _mul_polynorm_sharded_fwd(cfg, layout, gate, up, coef):
   out, inv_rms = _sharded_forward(cfg, layout, gate, up, coef)
-  return out, (gate, up, coef, inv_rms)
+  return checkpoint_name(out, CHECKPOINT_NAME), _named_residuals(gate, up, coef, inv_rms)
 
 
 def _mul_polynorm_sharded_bwd(cfg, layout, residuals, dout):

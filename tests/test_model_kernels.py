@@ -1,5 +1,7 @@
 """The model with its Pallas kernels (interpret mode on CPU) equals the model with the references."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,12 +64,32 @@ def _assert_same(got, want, rtol):
                ref_grads)
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
-def test_pallas_model_equals_reference(reference, backend):
+@pytest.mark.parametrize("backend, remat_policy", [("gpu", "full"), ("gpu", "kernels"), ("tpu", "none")])
+def test_pallas_model_equals_reference(reference, backend, remat_policy):
   # TPU interpret mode runs its kernels through IO callbacks, which remat cannot differentiate.
   cfg = CFG.replace(attention_impl="pallas", mlp_impl="pallas", pallas_backend=backend,
-                    pallas_interpret=True, remat_policy="none" if backend == "tpu" else "full")
+                    pallas_interpret=True, remat_policy=remat_policy)
   _assert_same(_loss_and_grads(cfg), reference, rtol=1e-5)
+
+
+def _forward_kernel_calls(remat_policy: str) -> dict[str, int]:
+  """How often each Pallas forward kernel appears in the jaxpr of the model's gradient."""
+  cfg = CFG.replace(attention_impl="pallas", mlp_impl="pallas", pallas_backend="gpu",
+                    pallas_interpret=True, remat_policy=remat_policy)
+  inputs, _, segment_ids, positions = _batch()
+  graphdef, params = init_params(cfg, 5)
+  loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(inputs, positions, segment_ids))
+  text = str(jax.make_jaxpr(jax.grad(loss))(params))
+  return {name: len(re.findall(rf"\bname={name}\b", text)) for name in ("gda_forward", "polynorm_forward")}
+
+
+def test_kernels_remat_policy_keeps_the_forward_kernels_out_of_the_backward():
+  """"full" runs each forward kernel again in the backward; "attention" and "kernels" keep their
+  residuals instead (the scan body holds one layer: forward once, plus once per recomputation)."""
+  full, attention, kernels = (_forward_kernel_calls(p) for p in ("full", "attention", "kernels"))
+  assert full == {"gda_forward": 4, "polynorm_forward": 2}  # 2 maps; forward + recomputation
+  assert attention == {"gda_forward": 2, "polynorm_forward": 2}
+  assert kernels == {"gda_forward": 2, "polynorm_forward": 1}
 
 
 @pytest.mark.slow

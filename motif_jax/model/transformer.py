@@ -16,11 +16,18 @@ from motif_jax.model.attention import GroupedDifferentialAttention
 from motif_jax.model.layers import RMSNorm, lm_logits, normal_init, param
 from motif_jax.model.mlp import PolyNormMLP
 from motif_jax.sharding import Rules, constrain
+from pallas_kernels import gda_attention, polynorm
 
 _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "full": jax.checkpoint_policies.nothing_saveable,
+    # Keep the Pallas kernels' residuals (attention: q, k, v, outputs, lse; PolyNorm: gate, up,
+    # statistics), so the backward recomputes only projections and elementwise work. With the
+    # reference implementations these names are absent and the policies act like "full".
+    "attention": jax.checkpoint_policies.save_only_these_names(gda_attention.CHECKPOINT_NAME),
+    "kernels": jax.checkpoint_policies.save_only_these_names(gda_attention.CHECKPOINT_NAME,
+                                                             polynorm.CHECKPOINT_NAME),
 }
 
 
