@@ -39,6 +39,18 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
   return jnp.sum(token_loss * weights), jnp.sum(weights)
 
 
+def cast_block_matrices(params, dtype):
+  """The blocks' stacked weight matrices ([layers, in, out]) in `dtype`, every other leaf as is.
+
+  The model casts these to the compute dtype before every use, so casting them once per step, not
+  once per layer and micro-batch, changes no value: the forward reads the same numbers, and the
+  gradients taken against the cast matrices, upcast, equal those against the originals. Norm gains,
+  lambdas and the embedding (whose lookup gradient sums over tokens) keep the parameter dtype.
+  """
+  blocks = jax.tree.map(lambda w: w.astype(dtype) if w.ndim >= 3 else w, params["blocks"])
+  return {**params, "blocks": blocks}
+
+
 def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformationExtraArgs, schedule: optax.Schedule, *,
                     micro_batches: int = 1,
@@ -60,12 +72,18 @@ def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef,
                                            z_loss_weight)
     return loss_sum, (weight_sum, aux["max_logits"])
 
-  grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+  value_and_grad = jax.value_and_grad(summed_loss, has_aux=True)
+
+  def grad_fn(params, cast, batch):
+    """Loss terms and gradients taken at `cast` (see cast_block_matrices), in the params' dtypes."""
+    value, grads = value_and_grad(cast, batch)
+    return value, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
   def summed_grads(params, batch):
     """(grads, loss sum, weight sum, max logits) summed over the batch's micro-batches."""
+    cast = cast_block_matrices(params, cfg.compute_dtype)
     if micro_batches == 1:  # no accumulation buffer: the gradients are the step's own
-      (loss_sum, (weight_sum, max_logits)), grads = grad_fn(params, batch)
+      (loss_sum, (weight_sum, max_logits)), grads = grad_fn(params, cast, batch)
       return grads, loss_sum, weight_sum, max_logits
     rows = batch["inputs"].shape[0]
     micro = jax.tree.map(lambda x: x.reshape((micro_batches, rows // micro_batches) + x.shape[1:]),
@@ -73,7 +91,7 @@ def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef,
 
     def accumulate(carry, micro_batch):
       grads, loss_sum, weight_sum, max_logits = carry
-      (loss, (weight, logits_max)), micro_grads = grad_fn(params, micro_batch)
+      (loss, (weight, logits_max)), micro_grads = grad_fn(params, cast, micro_batch)
       return (jax.tree.map(jnp.add, grads, micro_grads), loss_sum + loss, weight_sum + weight,
               jnp.maximum(max_logits, logits_max)), None
 
