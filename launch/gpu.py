@@ -9,7 +9,8 @@ with the package installed (`pip install -e '.[gpu]'`) for --python, and --workd
 all hosts share (NFS, Lustre) or a gs:// bucket. The environment keeps NVLink multicast off
 (NCCL_NVLS_ENABLE=0, NVSHMEM_DISABLE_NVLS=1: on shared machines a program using it can take the
 host's GPUs out of service) and sets XLA's usual GPU flags for overlapping collectives with compute;
---env adds or overrides variables. A host that fails is named when the run ends; a host that never
+--env adds or overrides variables. --platform_gin (default gin_configs/platforms/gpu.gin) selects the
+Pallas kernels and the remat policy measured fastest on an H200. A host that fails is named when the run ends; a host that never
 starts is named by process 0 after --distributed_timeout_s (a motif_jax.train flag, default 300 s).
 """
 
@@ -52,8 +53,13 @@ def parse_args(argv):
   parser.add_argument("--python", default="python3", help="Python with motif-jax installed.")
   parser.add_argument("--env", action="append", default=[],
                       help="KEY=VALUE for training on every host (repeatable; overrides defaults).")
+  parser.add_argument("--platform_gin", default="gin_configs/platforms/gpu.gin",
+                      help="Gin file added after --gin_file: the fastest kernels and remat policy on "
+                           "Hopper GPUs. Empty: none.")
   common.add_run_arguments(parser)
   args = parser.parse_args(argv)
+  if args.platform_gin:
+    args.gin_file.append(args.platform_gin)
   args.hosts = [h for h in args.hosts.split(",") if h]
   if not args.hosts or len(set(args.hosts)) != len(args.hosts):
     parser.error(f"--hosts must name each host once; got {args.hosts!r}.")

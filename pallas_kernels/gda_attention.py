@@ -110,8 +110,9 @@ def gda_attention(q_signal, q_noise, k_signal, k_noise, value, *, segment_ids=No
       them: it is padded inside and the padding masked.
     block_q_dq, block_k_dq: dq kernel tiles (query rows per program, keys per step);
       block_q_dkv, block_k_dkv: dk/dv kernel tiles (queries per step, key rows per program).
-      Defaults (forward; dq; dk/dv): GPU 128 x 128; 64 x 32; 64 x 32, smaller for float32 inputs
-      (Triton keeps the tiles in shared memory); TPU 128 x 128, backward = forward tiles.
+      Defaults (forward; dq; dk/dv): GPU 128 x 128; 64 x 32; 64 x 32 (with S=1: 128 x 64; 64 x 64;
+      64 x 64, dq 4 warps, dk/dv 8 warps, 3 stages), smaller for float32 inputs (Triton keeps the
+      tiles in shared memory); TPU 128 x 128, backward = forward tiles.
     num_warps, num_warps_dq, num_warps_dkv: Triton warps of the forward, dq and dk/dv kernels
       (default: 8 when the kernel's float32 accumulator tile has >= 128 x 128 elements, else 4);
       num_stages: Triton pipeline stages of all three (default 2).
@@ -141,14 +142,17 @@ def gda_attention(q_signal, q_noise, k_signal, k_noise, value, *, segment_ids=No
     interpret = False if backend_matches else (pltpu.InterpretParams() if on_tpu else True)
   given = dict(block_q=block_q, block_k=block_k, block_q_dq=block_q_dq, block_k_dq=block_k_dq,
                block_q_dkv=block_q_dkv, block_k_dkv=block_k_dkv)
-  defaults = _default_blocks(on_tpu, jnp.dtype(q_signal.dtype).itemsize, block_q, block_k)
+  defaults = _default_blocks(on_tpu, jnp.dtype(q_signal.dtype).itemsize, q_signal.shape[3],
+                             block_q, block_k)
   blocks = {name: size or defaults[name] for name, size in given.items()}
   if not on_tpu:
     _check_gpu_sizes(head_dim, value.shape[-1], *blocks.values())
   padded_len = _round_up(seq_len, math.lcm(*blocks.values()))
+  warps = (num_warps, num_warps_dq or defaults.get("num_warps_dq"),
+           num_warps_dkv or defaults.get("num_warps_dkv"))
   cfg = _MapConfig(impl=impl, causal=causal, scale=scale, kv_len=seq_len, **blocks,
-                   num_warps=(num_warps, num_warps_dq, num_warps_dkv),
-                   num_stages=num_stages or 2, interpret=interpret)
+                   num_warps=warps, num_stages=num_stages or defaults.get("num_stages", 2),
+                   interpret=interpret)
 
   pad = padded_len - seq_len
   def pad_time(x):
@@ -341,12 +345,16 @@ def _padding_kv_len(cfg, padded_len):
   return None if cfg.causal or cfg.kv_len == padded_len else cfg.kv_len
 
 
-def _default_blocks(on_tpu, itemsize, block_q, block_k):
-  """Tiles for the arguments left None. On TPU the backward tiles follow the forward ones."""
+def _default_blocks(on_tpu, itemsize, signal_heads, block_q, block_k):
+  """Tiles (and on GPU, Triton settings) for the arguments left None. On TPU the backward tiles
+  follow the forward ones."""
   if on_tpu:
     block_q, block_k = block_q or 128, block_k or 128
     return dict(block_q=block_q, block_k=block_k, block_q_dq=block_q, block_k_dq=block_k,
                 block_q_dkv=block_q, block_k_dkv=block_k)
+  if itemsize <= 2 and signal_heads == 1:  # both maps one head per group (2.6B); H200 sweep
+    return dict(block_q=128, block_k=64, block_q_dq=64, block_k_dq=64, block_q_dkv=64,
+                block_k_dkv=64, num_warps_dq=4, num_warps_dkv=8, num_stages=3)
   if itemsize <= 2:  # tuned on an H200 (bench/kernels_gda.py --sweep)
     return dict(block_q=128, block_k=128, block_q_dq=64, block_k_dq=32, block_q_dkv=64,
                 block_k_dkv=32)
