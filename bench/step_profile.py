@@ -29,9 +29,6 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Kernels replayed from a CUDA graph carry the graph's name, not their HLO op's: profile without them.
-if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
 
 import jax  # noqa: E402  (after the path set-up above)
 
@@ -207,6 +204,10 @@ def main(argv):
   parser.add_argument("--top", type=int, default=15, help="slowest kernels to list")
   parser.add_argument("--dump", action="store_true", help="also copy the trace and HLO text to $OUT")
   args = parser.parse_args(argv)
+  # Kernels replayed from a CUDA graph carry the graph's name, not their HLO op's: profile without
+  # them. XLA reads its flags when the backend starts, which nothing here has done yet.
+  if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
 
   cfg = variant_config(args.model, args.variant, args.layers)
   batch = synthetic_batch(args.batch, args.seq_len, cfg.vocab_size)
