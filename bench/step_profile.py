@@ -202,12 +202,16 @@ def main(argv):
   parser.add_argument("--variant", default="pallas/pallas/full", help="attention/mlp/remat")
   parser.add_argument("--steps", type=int, default=2, help="traced steps")
   parser.add_argument("--top", type=int, default=15, help="slowest kernels to list")
-  parser.add_argument("--dump", action="store_true", help="also copy the trace and HLO text to $OUT")
+  parser.add_argument("--dump", action="store_true",
+                      help="also write the trace, the HLO text and XLA's dump of the step to $OUT")
   args = parser.parse_args(argv)
   # Kernels replayed from a CUDA graph carry the graph's name, not their HLO op's: profile without
   # them. XLA reads its flags when the backend starts, which nothing here has done yet.
   if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
+  if args.dump and os.environ.get("OUT"):  # XLA's own dump: the HLO as compiled, pass by pass
+    os.environ["XLA_FLAGS"] += (f" --xla_dump_to={os.path.join(os.environ['OUT'], 'xla_dump')}"
+                                " --xla_dump_hlo_module_re=train_step --xla_dump_hlo_as_text")
 
   cfg = variant_config(args.model, args.variant, args.layers)
   batch = synthetic_batch(args.batch, args.seq_len, cfg.vocab_size)
