@@ -41,10 +41,10 @@ BACKWARD_TILES = [(64, 32, 64, 32, 4, 4), (64, 32, 64, 32, 8, 4), (64, 32, 64, 3
                   (32, 64, 64, 32, 4, 4), (128, 64, 64, 32, 8, 4), (64, 32, 128, 32, 4, 8)]
 
 
-def gda_flops(batch, seq_len):
+def gda_flops(batch, seq_len, signal_heads):
   """Causal forward FLOPs of one GDA layer under the fused-kernel convention."""
   per_head = 2 * seq_len * seq_len * (HEAD_DIM + WIDTH) / 2
-  return batch * GROUPS * (SIGNAL_HEADS + 1) * per_head
+  return batch * GROUPS * (signal_heads + 1) * per_head
 
 
 def cudnn_four_calls(q_signal, q_noise, k_signal, k_noise, value):
@@ -89,17 +89,17 @@ def time_fn(fn, inputs, with_backward):
   return median_seconds(jax.jit(forward_backward), inputs, cotangents)
 
 
-def make_inputs(batch, seq_len):
-  shapes = (jax.ShapeDtypeStruct((batch, seq_len, GROUPS, SIGNAL_HEADS, HEAD_DIM), jnp.bfloat16),) + (
+def make_inputs(batch, seq_len, signal_heads):
+  shapes = (jax.ShapeDtypeStruct((batch, seq_len, GROUPS, signal_heads, HEAD_DIM), jnp.bfloat16),) + (
       jax.ShapeDtypeStruct((batch, seq_len, GROUPS, HEAD_DIM), jnp.bfloat16),) * 3 + (
       jax.ShapeDtypeStruct((batch, seq_len, GROUPS, WIDTH), jnp.bfloat16),)
   return random_like(jax.random.key(seq_len), shapes)
 
 
-def sweep_tiles(batch, seq_len, log):
+def sweep_tiles(batch, seq_len, signal_heads, log):
   """Fastest forward and backward Pallas GPU tile settings at this length. The backward settings are
   tried on top of the fastest forward ones, whose num_stages then applies to all three kernels."""
-  inputs = make_inputs(batch, seq_len)
+  inputs = make_inputs(batch, seq_len, signal_heads)
   best_fwd, best_fwd_s = None, float("inf")
   for block_q, block_k, stages in FORWARD_TILES:
     tiles = dict(block_q=block_q, block_k=block_k, num_stages=stages)
@@ -135,7 +135,6 @@ def _cell(row, key):
 
 
 def main(argv):
-  global SIGNAL_HEADS  # the layout every helper here builds and counts (--signal-heads)
   parser = argparse.ArgumentParser(prog="bench/kernels.py gda", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--seq-lens", default="4096,8192")
@@ -148,7 +147,6 @@ def main(argv):
   parser.add_argument("--impls", default="pallas,cudnn-4call,cudnn+stats,tokamax-2call,reference",
                       help="comma-separated rows to time")
   args = parser.parse_args(argv)
-  SIGNAL_HEADS = args.signal_heads
   seq_lens = [int(t) for t in args.seq_lens.split(",")]
   out_dir = os.environ.get("OUT") or "."
   backend = jax.default_backend()
@@ -166,7 +164,7 @@ def main(argv):
   if backend == "gpu":
     if args.sweep:
       log(f"sweeping Pallas GPU tiles at T={seq_lens[0]}:")
-      fwd_tiles, bwd_tiles = sweep_tiles(args.batch, seq_lens[0], log)
+      fwd_tiles, bwd_tiles = sweep_tiles(args.batch, seq_lens[0], args.signal_heads, log)
       log(f"chosen: forward {fwd_tiles}, forward+backward {bwd_tiles}")
     impls["pallas"] = (kernel_fn("pallas_gpu", **fwd_tiles),
                        kernel_fn("pallas_gpu", **(bwd_tiles or fwd_tiles)))
@@ -185,8 +183,8 @@ def main(argv):
   impls = {name: fns for name, fns in impls.items() if name in wanted}
 
   for seq_len in seq_lens:
-    inputs = make_inputs(args.batch, seq_len)
-    flops = gda_flops(args.batch, seq_len)
+    inputs = make_inputs(args.batch, seq_len, args.signal_heads)
+    flops = gda_flops(args.batch, seq_len, args.signal_heads)
     for name, (fwd_fn, train_fn) in impls.items():
       if name in ("reference", "cudnn+stats") and seq_len > args.reference_max_len:
         continue
@@ -212,7 +210,7 @@ def main(argv):
     log(f"| {row['seq_len']} | {row['impl']} | {'yes' if row['max_logits'] else 'no'} | "
         + " | ".join(cells) + " |")
   result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "batch": args.batch,
-            "layout": dict(groups=GROUPS, signal_heads=SIGNAL_HEADS, head_dim=HEAD_DIM, width=WIDTH),
+            "layout": dict(groups=GROUPS, signal_heads=args.signal_heads, head_dim=HEAD_DIM, width=WIDTH),
             "flop_convention": "QK over 5 heads x 128 + PV over 5 heads x 256 per group, causal half; "
                                "fwd+bwd = 3.5 x fwd",
             "matmul_ceiling_tflops": ceiling, "pallas_tiles": {"fwd": fwd_tiles, "fwd_bwd": bwd_tiles},

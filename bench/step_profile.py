@@ -10,14 +10,14 @@ attention_output, mlp_matmuls, polynorm, norm_residual, embedding, lm_head, cros
 optimizer). Each part is split by phase: forward, recompute (remat) and backward (JAX's
 `transpose(...)`), and by kernel kind (matmul or other). "idle" is the step's wall time during which
 no kernel ran (launch gaps, host work). The traced run disables XLA's CUDA-graph command buffers
-(which hide each kernel's HLO op), so its step time can differ a little from `bench/train_step.py`'s. Prints the table and the slowest kernels; writes JSON to
-$OUT/step_profile.json when OUT is set.
+(which hide each kernel's HLO op), so its step time can differ a little from `bench/train_step.py`'s.
+Prints the table and the slowest kernels; writes JSON to $OUT/step_profile_<model>_<variant>.json
+when OUT is set (with --dump, also the trace, the HLO text and XLA's dump of the step).
 """
 
 from __future__ import annotations
 
 import argparse
-import bisect
 import collections
 import glob
 import json
@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402  (after the path set-up above)
 
-from bench.train_step import build_train_step, peak_bytes, synthetic_batch, variant_config  # noqa: E402
+from bench.train_step import (DATASHEET_PEAK, build_train_step, peak_bytes,  # noqa: E402
+                              synthetic_batch, variant_config)
 from motif_jax import metrics  # noqa: E402
 
 SCOPES = ("optimizer", "cross_entropy", "lm_head", "embedding", "attention_core",
@@ -101,35 +102,7 @@ def _stats(event) -> dict:
   return {name: value for name, value in event.stats}
 
 
-def _host_hlo_ops(data, op_names: dict[str, str]) -> dict[int, str]:
-  """correlation id -> hlo_op, from the host threads: each kernel launch (a CUPTI API event carrying
-  `correlation_id`) lies inside the annotation XLA opens around the thunk that launched it (an event
-  carrying `hlo_op`, or named like an HLO instruction)."""
-  by_id = {}
-  for plane in data.planes:
-    if not plane.name.startswith("/host"):
-      continue
-    for line in plane.lines:
-      annotations, launches = [], []
-      for event in line.events:
-        stats = _stats(event)
-        if "correlation_id" in stats:
-          launches.append((event.start_ns, int(stats["correlation_id"])))
-        hlo_op = stats.get("hlo_op") or (event.name if event.name in op_names else None)
-        if hlo_op:
-          annotations.append((event.start_ns, event.start_ns + event.duration_ns, str(hlo_op)))
-      annotations.sort()
-      starts = [a[0] for a in annotations]
-      for time_ns, correlation in launches:
-        index = bisect.bisect_right(starts, time_ns) - 1
-        while index >= 0 and annotations[index][1] < time_ns and time_ns - starts[index] < 1e9:
-          index -= 1  # an earlier annotation may still enclose the launch (nesting)
-        if index >= 0 and annotations[index][1] >= time_ns:
-          by_id[correlation] = annotations[index][2]
-  return by_id
-
-
-def _kernel_events(data, op_names: dict[str, str]):
+def _kernel_events(data):
   """(kernel name, start_ns, duration_ns, hlo_op) of every kernel on the first GPU/TPU device plane."""
   planes = [p for p in data.planes if p.name.startswith(("/device:GPU", "/device:TPU"))]
   if planes:
@@ -141,19 +114,12 @@ def _kernel_events(data, op_names: dict[str, str]):
     plane = next(p for p in data.planes if p.name == "/host:CPU")
     lines = [line for line in plane.lines if line.name.startswith("tf_XLA")]
   print(f"trace plane {plane.name}: lines {[line.name for line in plane.lines]}")
-  launched_by = _host_hlo_ops(data, op_names) if planes else {}
-  events, shown = [], 0
+  events = []
   for line in lines:
     for event in line.events:
       stats = _stats(event)
-      if shown < 3 and planes:
-        print(f"  kernel event {event.name[:60]!r} stats {sorted(stats)}")
-        shown += 1
-      correlation = stats.get("correlation_id")
       if "hlo_op" in stats and not str(stats["hlo_op"]).startswith("command_buffer"):
         hlo_op = str(stats["hlo_op"])
-      elif correlation is not None and int(correlation) in launched_by:
-        hlo_op = launched_by[int(correlation)]
       elif planes:
         hlo_op = event.name  # XLA names a fusion's kernel after the fusion
       else:
@@ -171,7 +137,7 @@ def breakdown(events, op_names: dict[str, str], steps: int) -> tuple[dict, list,
   kernels = collections.defaultdict(lambda: {"ms": 0.0, "count": 0, "op_name": ""})
   intervals = []
   for name, start, duration, hlo_op in events:
-    op_name = op_names.get(hlo_op) or op_names.get(re.sub(r"[.\-]", "_", hlo_op), "")
+    op_name = op_names.get(hlo_op, "")
     key = classify(op_name)
     ms = duration / 1e6 / steps
     table[key]["ms"] += ms
@@ -217,7 +183,8 @@ def main(argv):
   batch = synthetic_batch(args.batch, args.seq_len, cfg.vocab_size)
   built = build_train_step(cfg, batch, micro_batches=args.micro_batches)
   compiled, state, batch = built["compiled"], built["state"], built["batch"]
-  op_names = hlo_op_names(compiled.as_text())
+  hlo_text = compiled.as_text()
+  op_names = hlo_op_names(hlo_text)
 
   with jax.set_mesh(built["mesh"]):
     for _ in range(2):  # warm-up
@@ -233,19 +200,19 @@ def main(argv):
     jax.profiler.stop_trace()
 
   trace_path, data = _load_trace(profile_dir)
-  events = _kernel_events(data, op_names)
-  mapped = sum(1 for e in events if op_names.get(e[3]) or op_names.get(re.sub(r"[.\-]", "_", e[3])))
+  events = _kernel_events(data)
+  mapped = sum(1 for event in events if event[3] in op_names)
   print(f"{len(events)} kernels traced, {mapped} mapped to an HLO op_name")
   if args.dump and os.environ.get("OUT"):  # the raw trace and HLO, to study offline
     shutil.copy(trace_path, os.path.join(os.environ["OUT"], "step.xplane.pb"))
     with open(os.path.join(os.environ["OUT"], "step_hlo.txt"), "w") as f:
-      f.write(compiled.as_text())
+      f.write(hlo_text)
   table, top, busy_ms = breakdown(events, op_names, args.steps)
   tokens = args.batch * args.seq_len
   flops = metrics.train_flops_per_token(cfg, args.seq_len) * tokens
   print(f"\n{args.model} layers={cfg.num_layers} batch={args.batch} micro_batches={args.micro_batches} "
         f"seq={args.seq_len} variant={args.variant}: step {wall_ms:.1f} ms (traced), "
-        f"{tokens / wall_ms * 1e3:,.0f} tokens/s, MFU(989) {100 * flops / (wall_ms / 1e3) / 989e12:.1f}%, "
+        f"{tokens / wall_ms * 1e3:,.0f} tokens/s, MFU(989) {100 * flops / (wall_ms / 1e3) / DATASHEET_PEAK:.1f}%, "
         f"peak {peak_bytes(built['memory']) / 2**30:.1f} GiB")
   print(f"{'part':24s} {'phase':10s} {'ms/step':>9s} {'matmul ms':>10s} {'% step':>7s}")
   rows = sorted(table.items(), key=lambda kv: -kv[1]["ms"])
@@ -263,11 +230,13 @@ def main(argv):
     print(f"  {row['ms']:8.2f} ms x{row['count'] / args.steps:5.0f}  {row['part']}/{row['phase']}  "
           f"{row['kernel']}  <- {row['op_name']}")
   if os.environ.get("OUT"):
-    path = os.path.join(os.environ["OUT"], f"step_profile_{args.model}_{args.variant.replace('/', '-')}.json")
+    name = f"step_profile_{args.model}_{args.variant.replace('/', '-')}.json"
+    path = os.path.join(os.environ["OUT"], name)
     with open(path, "w") as f:
       json.dump({"model": args.model, "layers": cfg.num_layers, "batch": args.batch,
                  "micro_batches": args.micro_batches, "seq_len": args.seq_len, "variant": args.variant,
-                 "step_ms": wall_ms, "busy_ms": busy_ms, "peak_gib": peak_bytes(built["memory"]) / 2**30,
+                 "step_ms": wall_ms, "busy_ms": busy_ms,
+                 "peak_gib": peak_bytes(built["memory"]) / 2**30,
                  "breakdown": [{"part": p, "phase": ph, **v} for (p, ph), v in rows],
                  "top_kernels": top[:50]}, f, indent=1)
 

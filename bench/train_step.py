@@ -1,7 +1,7 @@
 """Training-step throughput on one accelerator: `python bench/train_step.py [options]`.
 
-    python bench/train_step.py [--model motif-2.6b] [--batch 2] [--micro_batches 1] [--seq_len 4096] [--steps 5]
-                               [--variants reference/reference/full,...] [--layers N]
+    python bench/train_step.py [--model motif-2.6b] [--batch 2] [--micro_batches 1] [--seq_len 4096]
+                               [--steps 5] [--variants reference/reference/full,...] [--layers N]
 
 Builds the preset (optionally with fewer layers), synthetic random tokens, and the real jitted train
 step with MuonClip (`motif_jax.train_step.make_train_step`), then for each variant
@@ -154,7 +154,8 @@ def main(argv):
     seconds = timing["step_seconds"]
     results.append({
         "variant": variant, "model": args.model, "layers": cfg.num_layers,
-        "batch": args.batch, "micro_batches": args.micro_batches, "seq_len": args.seq_len, "tokens_per_s": tokens / seconds,
+        "batch": args.batch, "micro_batches": args.micro_batches, "seq_len": args.seq_len,
+        "tokens_per_s": tokens / seconds,
         "step_ms": seconds * 1e3, "mfu_datasheet": flops / seconds / DATASHEET_PEAK,
         "mfu_measured_ceiling": flops / seconds / ceiling, "peak_gib": timing["peak_bytes"] / 2**30,
         "flops_per_step": flops})

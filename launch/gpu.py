@@ -10,8 +10,9 @@ all hosts share (NFS, Lustre) or a gs:// bucket. The environment keeps NVLink mu
 (NCCL_NVLS_ENABLE=0, NVSHMEM_DISABLE_NVLS=1: on shared machines a program using it can take the
 host's GPUs out of service) and sets XLA's usual GPU flags for overlapping collectives with compute;
 --env adds or overrides variables. --platform_gin (default gin_configs/platforms/gpu.gin) selects the
-Pallas kernels and the remat policy measured fastest on an H200. A host that fails is named when the run ends; a host that never
-starts is named by process 0 after --distributed_timeout_s (a motif_jax.train flag, default 300 s).
+Pallas kernels and the remat policy measured fastest on an H200. A host that fails is named when the
+run ends; a host that never starts is named by process 0 after --distributed_timeout_s (a
+motif_jax.train flag, default 300 s).
 """
 
 from __future__ import annotations
