@@ -23,11 +23,12 @@ STAGES = [(0, {"code": 0.6, "prose": 0.3, "math": 0.1}),
 def test_schedule_interpolates_between_stage_starts():
   def weights(interpolation, tokens):
     schedule = Schedule(data_config.curriculum(
-        EMBEDDED, [(0, {"code": 2, "prose": 1, "math": 1}), (100, {"code": 0, "prose": 1, "math": 3})],
+        EMBEDDED, [(0, {"code": 2, "prose": 1, "math": 1}), (100, {"prose": 1, "math": 3})],
         interpolation=interpolation))
     return schedule.weights_at(tokens)
 
-  start, end = np.array([0.5, 0.25, 0.25]), np.array([0.0, 0.25, 0.75])  # normalised stage weights
+  # Normalised stage weights; "code" is not named in the second stage, so it leaves the mixture there.
+  start, end = np.array([0.5, 0.25, 0.25]), np.array([0.0, 0.25, 0.75])
   np.testing.assert_allclose(weights("linear", 0), start)
   np.testing.assert_allclose(weights("linear", 50), (start + end) / 2)
   np.testing.assert_allclose(weights("linear", [100, 1e9]), [end, end])
@@ -76,6 +77,21 @@ def test_realised_shares_stay_within_3_points_in_every_200_example_window(interp
   assert worst <= 0.03
   # The long-run count of every task is within one example of its schedule.
   assert np.abs(cum_real[-1] - cum_sched[-1]).max() <= 1.0
+
+
+def test_a_task_a_stage_does_not_name_is_not_drawn_there():
+  """A domain can enter the schedule late and leave it: no draws while its weight is 0."""
+  stages = [(0, {"code": 1.0, "prose": 1.0}), (100_000, {"prose": 1.0, "math": 1.0}),
+            (200_000, {"code": 1.0, "prose": 1.0})]
+  schedule = Schedule(data_config.curriculum(EMBEDDED, stages, interpolation="step"))
+  plan = CurriculumMixture(schedule, batch_tokens=2048, example_tokens=[250.0, 240.0, 200.0], fill=1.0,
+                           block_size=8, seed=0)
+  code, math = 0, 2  # EMBEDDED_DOMAINS order
+  spans = {"before": (0, 48), "math stage": (49, 97), "after": (98, 150)}  # batches; 2,048 tokens each
+  counts = {name: plan.task_counts(plan.batch_start(a), plan.batch_start(b)) for name, (a, b) in spans.items()}
+  assert counts["before"][math] == 0 and counts["before"][code] > 0
+  assert counts["math stage"][code] == 0 and counts["math stage"][math] > 0
+  assert counts["after"][math] == 0 and counts["after"][code] > 0
 
 
 def test_task_examples_cover_every_piece_once_per_epoch():
@@ -223,14 +239,16 @@ def test_bad_configuration_fails_with_a_message_that_names_it(tmp_path):
   """Acceptance: weights not positive, unknown task, stages out of order, vocabulary, missing file."""
   good = {"code": 1.0, "prose": 1.0, "math": 1.0}
   cases = [
-      ([(0, dict(good, math=-0.5))], "stages\\[0\\] weight of task 'math' is -0.5"),
-      ([(0, {"code": 0.0, "prose": 0.0, "math": 0.0})], "stages\\[0\\] weights are all zero"),
+      ([(0, dict(good, math=-0.5))], "stages\\[0\\] weight of task 'math' is -0.5; weights must be finite and > 0"),
+      ([(0, good), (1e6, dict(good, math=0.0))],
+       "stages\\[1\\] weight of task 'math' is 0.0; .* omit it from that stage"),
+      ([(0, dict(good, math=float("nan")))], "stages\\[0\\] weight of task 'math' is nan"),
+      ([(0, {})], "stages\\[0\\] weights no task"),
       ([(0, dict(good, maths=1.0))], "unknown task\\(s\\) \\['maths'\\]"),
-      ([(0, {"code": 1.0, "prose": 1.0})], "gives no weight to task\\(s\\) \\['math'\\]"),
       ([(0, good), (5e6, good), (1e6, good)],
        "Stages out of order: curriculum.stages\\[2\\] starts at 1e\\+06"),
       ([(10, good)], "the first stage must start at 0"),
-      ([(0, dict(good, math=0.0))], "Task\\(s\\) \\['math'\\] have weight 0 in every stage"),
+      ([(0, {"code": 1.0, "prose": 1.0}), (1e6, {"prose": 1.0})], "Task\\(s\\) \\['math'\\] appear in no stage"),
   ]
   for stages, message in cases:
     with pytest.raises(ValueError, match=message):

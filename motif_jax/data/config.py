@@ -110,9 +110,10 @@ class Curriculum:
 
   tasks: (name, source) pairs; a name is a domain in metrics (`mixture/target/<name>`) and the seqio
     Task is registered as `motif_<name>`.
-  stages: (tokens seen, weights) pairs, tokens strictly increasing from 0; weights map every task name to
-    a finite weight >= 0 (0 leaves the task out of that stage), normalised per stage. Between stage
-    starts the weights are interpolated; after the last stage they stay.
+  stages: (tokens seen, weights) pairs, tokens strictly increasing from 0; weights map the tasks a stage
+    draws from to finite weights > 0, normalised per stage; a task a stage does not name has weight 0
+    there (so a domain can enter the schedule late or leave it). Between stage starts the weights are
+    interpolated; after the last stage they stay.
   interpolation: "linear" (default), "step" (hold each stage until the next) or "cosine" (eased).
   vocabulary: "byte" (seqio.ByteVocabulary) or the path of a SentencePiece model (`.model` file).
   vocab_pad_multiple: the vocabulary is padded to a multiple of this (and of the model's vocabulary
@@ -179,19 +180,16 @@ def _validate(c: Curriculum) -> None:
     unknown = sorted(set(weights) - set(names))
     if unknown:
       raise ValueError(f"{where} weights unknown task(s) {unknown}; curriculum.tasks declares {list(names)}.")
-    missing = [n for n in names if n not in weights]
-    if missing:
-      raise ValueError(f"{where} gives no weight to task(s) {missing}; every stage weights every task "
-                       "(write 0 to leave one out of a stage).")
     for name, weight in weights.items():
-      if not math.isfinite(weight) or weight < 0:
-        raise ValueError(f"{where} weight of task {name!r} is {weight}; weights must be finite and >= 0.")
-    if sum(weights.values()) <= 0:
-      raise ValueError(f"{where} weights are all zero; give at least one task a positive weight.")
-  never = [n for n in names if all(dict(w)[n] == 0 for _, w in c.stages)]
+      if not math.isfinite(weight) or weight <= 0:
+        raise ValueError(f"{where} weight of task {name!r} is {weight}; weights must be finite and > 0. "
+                         "To leave a task out of a stage, omit it from that stage's dict.")
+    if not weights:
+      raise ValueError(f"{where} weights no task; give at least one task a positive weight.")
+  never = [n for n in names if all(n not in dict(w) for _, w in c.stages)]
   if never:
-    raise ValueError(f"Task(s) {never} have weight 0 in every stage; give them a positive weight or "
-                     "remove them from curriculum.tasks.")
+    raise ValueError(f"Task(s) {never} appear in no stage; give them a positive weight in at least one "
+                     "stage or remove them from curriculum.tasks.")
   if c.interpolation not in INTERPOLATIONS:
     raise ValueError(f"curriculum.interpolation={c.interpolation!r}; choose one of {INTERPOLATIONS}.")
   if c.vocab_pad_multiple < 1:

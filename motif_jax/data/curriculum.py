@@ -43,7 +43,7 @@ class Schedule:
   def __init__(self, curriculum: Curriculum):
     self.names = curriculum.task_names
     self.starts = np.array([tokens for tokens, _ in curriculum.stages], dtype=np.float64)
-    raw = np.array([[dict(weights)[n] for n in self.names] for _, weights in curriculum.stages])
+    raw = np.array([[dict(weights).get(n, 0.0) for n in self.names] for _, weights in curriculum.stages])
     self.weights = raw / raw.sum(axis=1, keepdims=True)  # [stages, tasks]
     self.interpolation = curriculum.interpolation
 
