@@ -168,8 +168,6 @@ def main(argv):
   parser.add_argument("--variant", default="pallas/pallas/full", help="attention/mlp/remat")
   parser.add_argument("--steps", type=int, default=2, help="traced steps")
   parser.add_argument("--top", type=int, default=15, help="slowest kernels to list")
-  parser.add_argument("--layer_loop_unroll", default=None,
-                      help="XLA unroll strategy for the layer scans, e.g. double-buffer (see make_train_step)")
   parser.add_argument("--dump", action="store_true",
                       help="also write the trace, the HLO text and XLA's dump of the step to $OUT")
   args = parser.parse_args(argv)
@@ -183,8 +181,7 @@ def main(argv):
 
   cfg = variant_config(args.model, args.variant, args.layers)
   batch = synthetic_batch(args.batch, args.seq_len, cfg.vocab_size)
-  built = build_train_step(cfg, batch, micro_batches=args.micro_batches,
-                           layer_loop_unroll=args.layer_loop_unroll)
+  built = build_train_step(cfg, batch, micro_batches=args.micro_batches)
   compiled, state, batch = built["compiled"], built["state"], built["batch"]
   hlo_text = compiled.as_text()
   op_names = hlo_op_names(hlo_text)

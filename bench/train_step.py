@@ -50,13 +50,11 @@ def variant_config(model: str, variant: str, layers: int | None = None) -> confi
 
 
 def build_train_step(cfg: configs.ModelConfig, batch: dict, *, devices=None,
-                     mesh_shape=(1, -1, 1), micro_batches: int = 1,
-                     layer_loop_unroll: str | None = None) -> dict:
+                     mesh_shape=(1, -1, 1), micro_batches: int = 1) -> dict:
   """Compiles the jitted MuonClip train step of `cfg` for `batch` over `devices` (default: the first).
 
   Parameters, optimizer state and batch are laid out by the default logical-axis rules on a mesh of
-  `mesh_shape`; the batch's rows split into `micro_batches` accumulated micro-batches (the layer
-  scans tagged with `layer_loop_unroll`, see `make_train_step`). Returns a dict
+  `mesh_shape`; the batch's rows split into `micro_batches` accumulated micro-batches. Returns a dict
   with the `compiled` step, the initial `state` and `batch` on device, `memory` (the compiled memory
   analysis), and `tx`, `mesh`, `param_shardings`, `shardings` for callers that time parts of it.
   """
@@ -77,8 +75,7 @@ def build_train_step(cfg: configs.ModelConfig, batch: dict, *, devices=None,
                        jax.random.key_data(jax.random.key(0)))
     state = jax.device_put(state, shardings)
     batch = jax.device_put(batch, sharding.batch_sharding(mesh, rules))
-    step = jax.jit(make_train_step(cfg, graphdef, tx, lr, micro_batches=micro_batches,
-                                         layer_loop_unroll=layer_loop_unroll),
+    step = jax.jit(make_train_step(cfg, graphdef, tx, lr, micro_batches=micro_batches),
                    in_shardings=(shardings, None),
                    out_shardings=(shardings, None), donate_argnums=(0,))
     compiled = step.lower(state, batch).compile()
@@ -95,7 +92,7 @@ def peak_bytes(memory) -> int:
 
 def time_train_step(cfg: configs.ModelConfig, batch: dict, steps: int, *, devices=None,
                     mesh_shape=(1, -1, 1), micro_batches: int = 1,
-                    layer_loop_unroll: str | None = None, time_optimizer: bool = False) -> dict:
+                    time_optimizer: bool = False) -> dict:
   """Times the step `build_train_step` compiles: one warm-up step, then `steps` timed ones.
 
   Returns step seconds, peak device bytes (compiled memory analysis), the losses of the warm-up step
@@ -103,7 +100,7 @@ def time_train_step(cfg: configs.ModelConfig, batch: dict, steps: int, *, device
   with Parallel Muon, on the same layout).
   """
   built = build_train_step(cfg, batch, devices=devices, mesh_shape=mesh_shape,
-                           micro_batches=micro_batches, layer_loop_unroll=layer_loop_unroll)
+                           micro_batches=micro_batches)
   compiled, state, batch = built["compiled"], built["state"], built["batch"]
   with jax.set_mesh(built["mesh"]):
     losses = []
@@ -139,8 +136,6 @@ def main(argv):
   parser.add_argument("--seq_len", type=int, default=4096)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--variants", default="reference/reference/full")
-  parser.add_argument("--layer_loop_unroll", default=None,
-                      help="XLA unroll strategy for the layer scans, e.g. double-buffer (see make_train_step)")
   args = parser.parse_args(argv)
 
   ceiling = matmul_tflops() * 1e12
@@ -150,8 +145,7 @@ def main(argv):
     cfg = variant_config(args.model, variant, args.layers)
     batch = batch or synthetic_batch(args.batch, args.seq_len, cfg.vocab_size)
     try:
-      timing = time_train_step(cfg, batch, args.steps, micro_batches=args.micro_batches,
-                               layer_loop_unroll=args.layer_loop_unroll)
+      timing = time_train_step(cfg, batch, args.steps, micro_batches=args.micro_batches)
     except Exception as error:  # a variant that does not compile or fit is reported, not fatal
       results.append({"variant": variant, "error": f"{type(error).__name__}: {str(error)[:300]}"})
       continue
@@ -161,7 +155,6 @@ def main(argv):
     results.append({
         "variant": variant, "model": args.model, "layers": cfg.num_layers,
         "batch": args.batch, "micro_batches": args.micro_batches, "seq_len": args.seq_len,
-        "layer_loop_unroll": args.layer_loop_unroll, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "tokens_per_s": tokens / seconds,
         "step_ms": seconds * 1e3, "mfu_datasheet": flops / seconds / DATASHEET_PEAK,
         "mfu_measured_ceiling": flops / seconds / ceiling, "peak_gib": timing["peak_bytes"] / 2**30,

@@ -6,14 +6,12 @@ The train state is a plain pytree `TrainState(step, params, opt_state, rng)`; th
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.experimental.xla_metadata import set_xla_metadata
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from motif_jax.configs import ModelConfig
@@ -56,8 +54,7 @@ def cast_block_matrices(params, dtype):
 def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformationExtraArgs, schedule: optax.Schedule, *,
                     micro_batches: int = 1,
-                    z_loss_weight: float = 0.0,
-                    layer_loop_unroll: str | None = None) -> Callable:
+                    z_loss_weight: float = 0.0) -> Callable:
   """Builds `train_step(state, batch) -> (state, metrics)` (not yet jitted).
 
   batch: dict of [global_batch, seq] arrays (`BATCH_KEYS`); rows are split into `micro_batches`
@@ -65,9 +62,6 @@ def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef,
   token-weighted mean over the whole batch, so the result does not depend on `micro_batches`.
   A step whose loss or gradients are not finite leaves params and optimizer state unchanged
   (`metrics["finite"]` is False); the step counter and RNG still advance, as the data does.
-  layer_loop_unroll: an XLA loop-unroll strategy (e.g. "double-buffer") for the layer scans of the
-  forward and backward, and not for the micro-batch loop around them. XLA:GPU honours it when run with
-  `--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_MANUAL_UNROLL`; otherwise it is inert.
   """
 
   def summed_loss(params, micro):
@@ -82,10 +76,7 @@ def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef,
 
   def grad_fn(params, cast, batch):
     """Loss terms and gradients taken at `cast` (see cast_block_matrices), in the params' dtypes."""
-    tag_loops = (set_xla_metadata(_xla_loop_unroll_strategy=layer_loop_unroll) if layer_loop_unroll
-                 else contextlib.nullcontext())
-    with tag_loops:
-      value, grads = value_and_grad(cast, batch)
+    value, grads = value_and_grad(cast, batch)
     return value, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
   def summed_grads(params, batch):
