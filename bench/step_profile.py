@@ -128,7 +128,29 @@ def _kernel_events(data):
       if not planes and re.match(r"(while|call|conditional)\b", event.name):
         continue
       events.append((event.name, event.start_ns, event.duration_ns, hlo_op))
+      if "memcpy" in event.name.lower() and len(_MEMCPY_SAMPLES) < 5:
+        _MEMCPY_SAMPLES.append((event.name, hlo_op, stats))
   return events
+
+
+_MEMCPY_SAMPLES = []  # a few copies' raw trace stats, printed by `copies_report`
+
+
+def copies_report(events, op_names: dict[str, str], steps: int, top: int) -> None:
+  """Prints the device-to-device copies of a step grouped by the HLO op that issued them."""
+  groups = collections.defaultdict(lambda: [0, 0.0])
+  for name, _, duration, hlo_op in events:
+    if "memcpy" in name.lower():
+      groups[(name, hlo_op)][0] += 1
+      groups[(name, hlo_op)][1] += duration / 1e6
+  count = sum(c for c, _ in groups.values())
+  print(f"\ncopies: {count / steps:,.0f} per step from {len(groups)} HLO ops; the largest by time "
+        "(ms per step, copies per step, op, op_name):")
+  for (name, hlo_op), (c, ms) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]:
+    print(f"  {ms / steps:8.2f} ms x{c / steps:6.0f}  {name[:20]}  {hlo_op[:60]}  <- "
+          f"{op_names.get(hlo_op, '')[-100:]}")
+  for name, hlo_op, stats in _MEMCPY_SAMPLES:
+    print(f"  sample {name} {hlo_op}: {stats}")
 
 
 def breakdown(events, op_names: dict[str, str], steps: int) -> tuple[dict, list, float]:
@@ -168,6 +190,8 @@ def main(argv):
   parser.add_argument("--variant", default="pallas/pallas/full", help="attention/mlp/remat")
   parser.add_argument("--steps", type=int, default=2, help="traced steps")
   parser.add_argument("--top", type=int, default=15, help="slowest kernels to list")
+  parser.add_argument("--copies", action="store_true",
+                      help="also list the device-to-device copies by the HLO op that issued them")
   parser.add_argument("--dump", action="store_true",
                       help="also write the trace, the HLO text and XLA's dump of the step to $OUT")
   args = parser.parse_args(argv)
@@ -208,6 +232,8 @@ def main(argv):
     with open(os.path.join(os.environ["OUT"], "step_hlo.txt"), "w") as f:
       f.write(hlo_text)
   table, top, busy_ms = breakdown(events, op_names, args.steps)
+  if args.copies:
+    copies_report(events, op_names, args.steps, args.top)
   tokens = args.batch * args.seq_len
   flops = metrics.train_flops_per_token(cfg, args.seq_len) * tokens
   print(f"\n{args.model} layers={cfg.num_layers} batch={args.batch} micro_batches={args.micro_batches} "

@@ -41,9 +41,15 @@ def synthetic_batch(rows: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
 
 
 def variant_config(model: str, variant: str, layers: int | None = None) -> configs.ModelConfig:
-  """The preset `model` with a variant "attention_impl/mlp_impl/remat_policy" (and `layers`) applied."""
-  attention_impl, mlp_impl, remat = variant.split("/")
-  overrides = dict(attention_impl=attention_impl, mlp_impl=mlp_impl, remat_policy=remat)
+  """The preset `model` with a variant "attention_impl/mlp_impl/remat_policy[/unrolled]" applied.
+
+  A fourth field "unrolled" sets `scan_layers=False`; `layers` overrides the depth.
+  """
+  attention_impl, mlp_impl, remat, *layout = variant.split("/")
+  if layout not in ([], ["unrolled"]):
+    raise ValueError(f"variant {variant!r}: the optional fourth field is 'unrolled', not {layout}.")
+  overrides = dict(attention_impl=attention_impl, mlp_impl=mlp_impl, remat_policy=remat,
+                   scan_layers=not layout)
   if layers:
     overrides["num_layers"] = layers
   return configs.get_model_config(model, **overrides)
@@ -78,8 +84,11 @@ def build_train_step(cfg: configs.ModelConfig, batch: dict, *, devices=None,
     step = jax.jit(make_train_step(cfg, graphdef, tx, lr, micro_batches=micro_batches),
                    in_shardings=(shardings, None),
                    out_shardings=(shardings, None), donate_argnums=(0,))
+    start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
-  return dict(compiled=compiled, state=state, batch=batch, memory=compiled.memory_analysis(), tx=tx,
+    compile_seconds = time.perf_counter() - start
+  return dict(compiled=compiled, compile_seconds=compile_seconds, state=state, batch=batch,
+              memory=compiled.memory_analysis(), tx=tx,
               mesh=mesh, param_shardings=param_shardings, shardings=shardings)
 
 
@@ -123,6 +132,7 @@ def time_train_step(cfg: configs.ModelConfig, batch: dict, steps: int, *, device
       result["optimizer_seconds"] = median_seconds(update, state.params, state.opt_state,
                                                    state.params, warmup=2, iters=5)
   result["peak_bytes"] = peak_bytes(built["memory"])
+  result["compile_seconds"] = built["compile_seconds"]
   return result
 
 
@@ -158,18 +168,19 @@ def main(argv):
         "tokens_per_s": tokens / seconds,
         "step_ms": seconds * 1e3, "mfu_datasheet": flops / seconds / DATASHEET_PEAK,
         "mfu_measured_ceiling": flops / seconds / ceiling, "peak_gib": timing["peak_bytes"] / 2**30,
+        "compile_s": timing["compile_seconds"],
         "flops_per_step": flops})
 
   print(f"\nbf16 matmul ceiling measured: {ceiling / 1e12:.0f} TFLOP/s; datasheet 989; "
         f"FLOPs: {metrics.FLOP_CONVENTION}, both GDA maps, training = 3 x forward")
-  print(f"{'variant':34s} {'tokens/s':>10s} {'step ms':>9s} {'MFU(989)':>9s} {'MFU(ceil)':>9s} {'peak GiB':>9s}")
+  print(f"{'variant':34s} {'tokens/s':>10s} {'step ms':>9s} {'MFU(989)':>9s} {'MFU(ceil)':>9s} {'peak GiB':>9s} {'compile s':>9s}")
   for r in results:
     if "error" in r:
       print(f"{r['variant']:34s} {r['error']}")
     else:
       print(f"{r['variant']:34s} {r['tokens_per_s']:10,.0f} {r['step_ms']:9.1f} "
             f"{100 * r['mfu_datasheet']:8.1f}% {100 * r['mfu_measured_ceiling']:8.1f}% "
-            f"{r['peak_gib']:9.1f}")
+            f"{r['peak_gib']:9.1f} {r['compile_s']:9.1f}")
   if os.environ.get("OUT"):
     with open(os.path.join(os.environ["OUT"], "train_step.json"), "w") as f:
       json.dump({"matmul_ceiling_tflops": ceiling / 1e12, "results": results}, f, indent=1)

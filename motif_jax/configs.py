@@ -45,6 +45,10 @@ class ModelConfig:
   attention_impl: str = "reference"
   mlp_impl: str = "reference"
   remat_policy: str = "full"
+  # True: the blocks run as one `lax.scan` over the stacked layers (compile time independent of depth).
+  # False: an unrolled loop over per-layer slices; longer compiles, but each layer's residuals stay
+  # separate buffers instead of being copied into and out of [layers, ...] stacks.
+  scan_layers: bool = True
   # Which Pallas kernels "pallas" means: "auto" (by backend: TPU or GPU; CPU falls back to the
   # reference), "tpu" or "gpu"; `pallas_interpret` runs them in interpret mode (tests on CPU).
   pallas_backend: str = "auto"

@@ -9,7 +9,7 @@ from flax import nnx
 from motif_jax import configs, sharding
 from motif_jax.model import MotifForCausalLM, abstract_params, param_logical_axes, split_model
 from motif_jax.model.attention import GroupedDifferentialAttention
-from motif_jax.model.layers import lm_logits, rms_normalize, rotary_embedding
+from motif_jax.model.layers import lm_logits, rotary_embedding
 
 
 def test_parameter_counts_match_the_released_models():
@@ -123,6 +123,28 @@ def test_remat_policies_give_the_same_gradients(policy):
   (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads("full"), loss_and_grads(policy)
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_a, grads_b)
+
+
+def test_unrolled_layers_equal_the_scan():
+  """scan_layers=False: the same logits, max logits and gradients as the scan over layers."""
+  tokens = jax.random.randint(jax.random.key(6), (2, 16), 0, 384)
+  weights = jax.random.normal(jax.random.key(7), (2, 16, 384))
+
+  def run(scan_layers):
+    _, model = _tiny_model(scan_layers=scan_layers, num_layers=3, compute_dtype="float32")
+    graphdef, params = split_model(model)
+
+    def loss(p):
+      logits, aux = nnx.merge(graphdef, p)(tokens, return_aux=True)
+      return jnp.sum(logits * weights), aux["max_logits"]
+
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+  ((loss_a, max_a), grads_a), ((loss_b, max_b), grads_b) = run(True), run(False)
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+  np.testing.assert_allclose(max_a, max_b, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(a).max()),
+               grads_a, grads_b)
 
 
 def test_tied_embeddings_have_no_lm_head():

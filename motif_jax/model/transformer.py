@@ -1,8 +1,9 @@
-"""The Motif-2 decoder: pre-norm blocks scanned over depth, and `MotifForCausalLM`.
+"""The Motif-2 decoder: pre-norm blocks over depth, and `MotifForCausalLM`.
 
 Block: `h = x + GDA(RMSNorm(x)); y = h + MLP(RMSNorm(h))`; logits = `lm_head(RMSNorm(h_L))`.
-The blocks' parameters are stacked on a leading `layers` axis and applied with `jax.lax.scan`, so
-compile time does not grow with depth; each scanned step receives its 0-based layer index.
+The blocks' parameters are stacked on a leading `layers` axis. With `scan_layers` (the default) they
+are applied with `jax.lax.scan`, so compile time does not grow with depth; otherwise by an unrolled
+loop over per-layer slices. Each step receives its 0-based layer index.
 """
 
 from __future__ import annotations
@@ -29,6 +30,28 @@ _REMAT_POLICIES = {
     "kernels": jax.checkpoint_policies.save_only_these_names(gda_attention.CHECKPOINT_NAME,
                                                              polynorm.CHECKPOINT_NAME),
 }
+
+
+@jax.custom_vjp
+def unstack_layers(stacked):
+  """A pytree of [layers, ...] leaves -> a tuple of per-layer pytrees (the leaves' [i] slices).
+
+  Its backward stacks the per-layer cotangents in one concatenation, where autodiff of the slices
+  would add up one zero-padded [layers, ...] array per layer.
+  """
+  layers = jax.tree.leaves(stacked)[0].shape[0]
+  return tuple(jax.tree.map(lambda leaf: leaf[i], stacked) for i in range(layers))
+
+
+def _unstack_forward(stacked):
+  return unstack_layers(stacked), None
+
+
+def _unstack_backward(_, per_layer):
+  return (jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_layer),)
+
+
+unstack_layers.defvjp(_unstack_forward, _unstack_backward)
 
 
 class DecoderBlock(nnx.Module):
@@ -99,7 +122,14 @@ class MotifForCausalLM(nnx.Module):
 
     if cfg.remat_policy != "none":
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-    x, max_logits = jax.lax.scan(layer, x, (stacked, jnp.arange(cfg.num_layers)))
+    if cfg.scan_layers:
+      x, max_logits = jax.lax.scan(layer, x, (stacked, jnp.arange(cfg.num_layers)))
+    else:
+      per_layer_max = []
+      for layer_index, block_state in enumerate(unstack_layers(stacked)):
+        x, layer_max = layer(x, (block_state, jnp.int32(layer_index)))
+        per_layer_max.append(layer_max)
+      max_logits = jnp.stack(per_layer_max)
 
     with jax.named_scope("lm_head"):
       x = self.final_norm(x)
