@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from motif_jax.configs import ModelConfig
+from motif_jax.model.transformer import unstack_layers
 
 BATCH_KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
 
@@ -64,41 +65,64 @@ def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef,
   (`metrics["finite"]` is False); the step counter and RNG still advance, as the data does.
   """
 
-  def summed_loss(params, micro):
+  def summed_loss(params, micro, layer_blocks=None):
     model = nnx.merge(graphdef, params)
-    logits, aux = model(micro["inputs"], micro["positions"], micro["segment_ids"], return_aux=True)
+    logits, aux = model(micro["inputs"], micro["positions"], micro["segment_ids"], return_aux=True,
+                        layer_blocks=layer_blocks)
     with jax.named_scope("cross_entropy"):
       loss_sum, weight_sum = cross_entropy(logits, micro["targets"], micro["loss_weights"],
                                            z_loss_weight)
     return loss_sum, (weight_sum, aux["max_logits"])
 
-  value_and_grad = jax.value_and_grad(summed_loss, has_aux=True)
-
-  def grad_fn(params, cast, batch):
-    """Loss terms and gradients taken at `cast` (see cast_block_matrices), in the params' dtypes."""
-    value, grads = value_and_grad(cast, batch)
-    return value, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-
   def summed_grads(params, batch):
-    """(grads, loss sum, weight sum, max logits) summed over the batch's micro-batches."""
+    """(grads, loss sum, weight sum, max logits) summed over the batch's micro-batches.
+
+    Gradients are taken at the cast matrices (see cast_block_matrices) and returned, and summed, in
+    the params' dtypes. With unrolled layers and several micro-batches, the cast blocks are split per
+    layer once per step and the gradients kept per layer until the end of the step, so the loop over
+    micro-batches neither slices nor restacks the layers.
+    """
     cast = cast_block_matrices(params, cfg.compute_dtype)
+    dtypes = jax.tree.map(lambda x: x.dtype, params)
+    per_layer = not cfg.scan_layers and micro_batches > 1
+    if per_layer:  # the point of differentiation: (every leaf but the blocks, the blocks per layer)
+      rest = lambda tree: {k: v for k, v in tree.items() if k != "blocks"}
+      point = (rest(cast), unstack_layers(cast["blocks"]))
+      dtypes = (rest(dtypes), (dtypes["blocks"],) * cfg.num_layers)
+      loss_fn = lambda p, micro: summed_loss({**p[0], "blocks": cast["blocks"]}, micro, p[1])
+    else:
+      point, loss_fn = cast, summed_loss
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def grad_fn(micro):
+      value, grads = value_and_grad(point, micro)
+      return value, jax.tree.map(lambda g, dtype: g.astype(dtype), grads, dtypes)
+
+    def as_params(grads):
+      if not per_layer:
+        return grads
+      rest, layers = grads
+      return {**rest, "blocks": jax.tree.map(lambda *leaves: jnp.stack(leaves), *layers)}
+
     if micro_batches == 1:  # no accumulation buffer: the gradients are the step's own
-      (loss_sum, (weight_sum, max_logits)), grads = grad_fn(params, cast, batch)
-      return grads, loss_sum, weight_sum, max_logits
+      (loss_sum, (weight_sum, max_logits)), grads = grad_fn(batch)
+      return as_params(grads), loss_sum, weight_sum, max_logits
     rows = batch["inputs"].shape[0]
     micro = jax.tree.map(lambda x: x.reshape((micro_batches, rows // micro_batches) + x.shape[1:]),
                          batch)
 
     def accumulate(carry, micro_batch):
       grads, loss_sum, weight_sum, max_logits = carry
-      (loss, (weight, logits_max)), micro_grads = grad_fn(params, cast, micro_batch)
+      (loss, (weight, logits_max)), micro_grads = grad_fn(micro_batch)
       return (jax.tree.map(jnp.add, grads, micro_grads), loss_sum + loss, weight_sum + weight,
               jnp.maximum(max_logits, logits_max)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.tree.map(lambda x, dtype: jnp.zeros(x.shape, dtype), point, dtypes)
     init_max = jnp.full((cfg.num_layers, cfg.num_kv_groups, cfg.signal_heads_per_group + 1),
                         -jnp.inf, jnp.float32)
-    return jax.lax.scan(accumulate, (zeros, 0.0, 0.0, init_max), micro)[0]
+    grads, loss_sum, weight_sum, max_logits = jax.lax.scan(
+        accumulate, (zeros, 0.0, 0.0, init_max), micro)[0]
+    return as_params(grads), loss_sum, weight_sum, max_logits
 
   def train_step(state: TrainState, batch):
     grads, loss_sum, weight_sum, max_logits = summed_grads(state.params, batch)

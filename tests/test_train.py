@@ -31,8 +31,10 @@ def _batch(rows, seq, seed):
               positions=jnp.broadcast_to(jnp.arange(seq), (rows, seq)))
 
 
-def test_gradient_accumulation_equals_one_large_batch():
-  cfg = configs.get_model_config("tiny")
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_gradient_accumulation_equals_one_large_batch(scan_layers):
+  """With unrolled layers, the micro-batch loop also keeps the gradients per layer (its own path)."""
+  cfg = configs.get_model_config("tiny", scan_layers=scan_layers)
   graphdef, params = init_params(cfg, 0)
   # Plain SGD, so the parameter change is the gradient itself (Adam would amplify rounding where
   # gradients are near zero).

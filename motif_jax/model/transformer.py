@@ -100,13 +100,20 @@ class MotifForCausalLM(nnx.Module):
       self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), init,
                            cfg.param_dtype)
 
-  def __call__(self, tokens, positions=None, segment_ids=None, *, return_aux: bool = False):
+  def __call__(self, tokens, positions=None, segment_ids=None, *, return_aux: bool = False,
+               layer_blocks=None):
     """tokens: int32 [batch, seq]; positions, segment_ids: int32 [batch, seq] for packed rows.
 
+    layer_blocks: with `scan_layers=False`, the blocks' state already split per layer (a tuple of
+      `num_layers` trees, as `unstack_layers` gives), used instead of slicing `self.blocks`; a caller
+      that runs the model on several micro-batches slices once instead of once per call.
     Returns float32 logits [batch, seq, vocab]; with `return_aux`, also
     `{"max_logits": float32 [layers, groups, signal + 1]}` for QK-Clip.
     """
     cfg = self.config
+    if layer_blocks is not None and (cfg.scan_layers or len(layer_blocks) != cfg.num_layers):
+      raise ValueError(f"layer_blocks takes {cfg.num_layers} per-layer states and scan_layers=False; "
+                       f"got {len(layer_blocks)} with scan_layers={cfg.scan_layers}.")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     compute = jnp.dtype(cfg.compute_dtype)
@@ -126,7 +133,8 @@ class MotifForCausalLM(nnx.Module):
       x, max_logits = jax.lax.scan(layer, x, (stacked, jnp.arange(cfg.num_layers)))
     else:
       per_layer_max = []
-      for layer_index, block_state in enumerate(unstack_layers(stacked)):
+      per_layer = unstack_layers(stacked) if layer_blocks is None else layer_blocks
+      for layer_index, block_state in enumerate(per_layer):
         x, layer_max = layer(x, (block_state, jnp.int32(layer_index)))
         per_layer_max.append(layer_max)
       max_logits = jnp.stack(per_layer_max)
