@@ -1,5 +1,6 @@
 """The training loop: accumulation, schedules, exact resume after a kill, SIGTERM, checkpoints."""
 
+import contextlib
 import json
 import os
 import signal
@@ -13,8 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from motif_jax import checkpoint, configs
-from motif_jax.model import init_params
+from motif_jax import checkpoint, configs, sharding
+from motif_jax.model import init_params, param_logical_axes
 from motif_jax.optim import schedules
 from motif_jax.train_step import TrainState, cast_block_matrices, cross_entropy, make_train_step
 
@@ -51,6 +52,38 @@ def test_gradient_accumulation_equals_one_large_batch(scan_layers):
   np.testing.assert_array_equal(metrics_4["max_logit_per_layer"], metrics_1["max_logit_per_layer"])
   jax.tree.map(lambda a, b, p: np.testing.assert_allclose(a - p, b - p, rtol=1e-4, atol=1e-8),
                state_4.params, state_1.params, params)
+
+
+def test_unrolled_accumulation_on_a_mesh_equals_the_scanned_step_on_one_device(devices):
+  """scan_layers=False, 2 micro-batches, params laid out over a (2, 2, 2) mesh: the same update."""
+  # SGD with a rate large enough that the updates are not lost to rounding in `new - old`.
+  tx = optax.with_extra_args_support(optax.sgd(1e3))
+  lr = lambda step: 1e3
+  batch = _batch(8, 32, 5)
+
+  def update(scan_layers, mesh):
+    cfg = configs.get_model_config("tiny", scan_layers=scan_layers, compute_dtype="float32")
+    shardings = rules = None
+    if mesh is not None:
+      rules = sharding.DEFAULT_RULES
+      shardings = sharding.tree_shardings(param_logical_axes(cfg), mesh, rules)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+      graphdef, params = init_params(cfg, 0, shardings, rules)
+      state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                         jax.random.key_data(jax.random.key(0)))
+      step = jax.jit(make_train_step(cfg, graphdef, tx, lr, micro_batches=2))
+      new_state, metrics = step(state, batch)
+      if mesh is not None:
+        assert new_state.params["blocks"]["mlp"]["w_up"].sharding.is_equivalent_to(
+            shardings["blocks"]["mlp"]["w_up"], 3)
+    return jax.device_get((params, new_state.params, metrics["loss"]))
+
+  params, scanned, loss_scanned = update(True, None)
+  _, unrolled, loss_unrolled = update(False, sharding.make_mesh((2, 2, 2), devices))
+  np.testing.assert_allclose(loss_unrolled, loss_scanned, rtol=1e-5)
+  jax.tree.map(lambda a, b, p: np.testing.assert_allclose(a - p, b - p, rtol=1e-4,
+                                                          atol=1e-5 * np.abs(b - p).max()),
+               unrolled, scanned, params)
 
 
 def test_schedules_warm_up_hold_and_decay():
