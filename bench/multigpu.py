@@ -1,7 +1,7 @@
 """Sharded training on all local GPUs against one GPU: `python bench/multigpu.py [options]`.
 
     python bench/multigpu.py [--model motif-2.6b] [--layers N] [--rows_per_device 2] [--seq_len 4096]
-                             [--steps 3] [--variant pallas/pallas/full] [--mesh_shape 1,-1,1]
+                             [--steps 3] [--variant pallas/pallas/kernels/unrolled] [--mesh_shape 1,-1,1]
 
 Runs the MuonClip train step with FSDP over all local devices (mesh `--mesh_shape`, default
 (1, -1, 1)) at a global batch of `rows_per_device x devices` rows, then the same global batch on one
@@ -36,8 +36,8 @@ def main(argv):
   parser.add_argument("--rows_per_device", type=int, default=2)
   parser.add_argument("--seq_len", type=int, default=4096)
   parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--variant", default="pallas/pallas/full",
-                      help="attention_impl/mlp_impl/remat_policy")
+  parser.add_argument("--variant", default="pallas/pallas/kernels/unrolled",
+                      help="attention_impl/mlp_impl/remat_policy[/unrolled] (default: gpu.gin's)")
   parser.add_argument("--mesh_shape", default="1,-1,1")
   args = parser.parse_args(argv)
 
