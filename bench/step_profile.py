@@ -210,7 +210,7 @@ def main(argv):
   hlo_text = compiled.as_text()
   op_names = hlo_op_names(hlo_text)
 
-  with jax.set_mesh(built["mesh"]):
+  with jax.set_mesh(built["plan"].mesh):
     for _ in range(2):  # warm-up
       state, _ = compiled(state, batch)
     jax.block_until_ready(state)

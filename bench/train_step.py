@@ -4,8 +4,8 @@
                                [--steps 5] [--variants reference/reference/full,...] [--layers N]
 
 Builds the preset (optionally with fewer layers), synthetic random tokens, and the real jitted train
-step with MuonClip (`motif_jax.train_step.make_train_step`), then for each variant
-`attention_impl/mlp_impl/remat_policy` prints tokens/s, step time, MFU against the 989 TFLOP/s
+step the trainer runs (`motif_jax.step_plan.plan_step`: MuonClip, clipping at 1.0), then for each
+variant `attention_impl/mlp_impl/remat_policy[/unrolled]` prints tokens/s, step time, MFU against the 989 TFLOP/s
 datasheet peak and against a bf16 matmul ceiling measured in this run, and peak device memory.
 FLOPs follow `motif_jax.metrics` (both GDA maps, causal attention at half, training = 3 x forward).
 Writes JSON to $OUT/train_step.json when OUT is set.
@@ -14,6 +14,7 @@ Writes JSON to $OUT/train_step.json when OUT is set.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -26,10 +27,10 @@ import jax.numpy as jnp  # noqa: E402
 
 from bench.timing import matmul_tflops, median_seconds  # noqa: E402
 from motif_jax import configs, metrics, optim, sharding  # noqa: E402
-from motif_jax.model import abstract_params, init_params, param_logical_axes  # noqa: E402
-from motif_jax.train_step import TrainState, make_train_step, state_shardings  # noqa: E402
+from motif_jax.step_plan import plan_step  # noqa: E402
 
 DATASHEET_PEAK = 989e12
+GRAD_CLIP_NORM = 1.0  # gin_configs/base.gin's train.grad_clip_norm
 
 
 def synthetic_batch(rows: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
@@ -56,40 +57,31 @@ def variant_config(model: str, variant: str, layers: int | None = None) -> confi
 
 
 def build_train_step(cfg: configs.ModelConfig, batch: dict, *, devices=None,
-                     mesh_shape=(1, -1, 1), micro_batches: int = 1) -> dict:
-  """Compiles the jitted MuonClip train step of `cfg` for `batch` over `devices` (default: the first).
+                     mesh_shape=(1, -1, 1), micro_batches: int = 1,
+                     grad_clip_norm: float | None = GRAD_CLIP_NORM) -> dict:
+  """Compiles the train step of `cfg` for `batch` over `devices` (default: the first device).
 
-  Parameters, optimizer state and batch are laid out by the default logical-axis rules on a mesh of
-  `mesh_shape`; the batch's rows split into `micro_batches` accumulated micro-batches. Returns a dict
-  with the `compiled` step, the initial `state` and `batch` on device, `memory` (the compiled memory
-  analysis), and `tx`, `mesh`, `param_shardings`, `shardings` for callers that time parts of it.
+  The step is the trainer's own (`motif_jax.step_plan.plan_step`): MuonClip at a constant learning
+  rate, gradient clipping at `grad_clip_norm`, the default logical-axis rules on a mesh of
+  `mesh_shape`, the batch's rows split into `micro_batches` accumulated micro-batches. Returns a dict
+  with the `compiled` step, `compile_seconds`, the initial `state` and `batch` on device, `memory`
+  (the compiled memory analysis), and the `plan` for callers that time parts of it.
   """
   devices = jax.devices()[:1] if devices is None else devices
-  mesh = sharding.make_mesh(mesh_shape, devices)
-  rules = sharding.DEFAULT_RULES
-  logical_axes = param_logical_axes(cfg)
-  lr = lambda step: 1e-4
-  tx = optim.muonclip(lr, logical_axes=logical_axes, num_kv_groups=cfg.num_kv_groups,
-                      signal_heads_per_group=cfg.signal_heads_per_group, head_dim=cfg.head_dim,
-                      mesh=mesh, rules=rules)
-  param_shardings = sharding.tree_shardings(logical_axes, mesh, rules)
-  shardings = state_shardings(tx, abstract_params(cfg), param_shardings, mesh)
-  with jax.set_mesh(mesh):
-    graphdef, params = init_params(cfg, 0, param_shardings, rules)
-    state = TrainState(jnp.zeros((), jnp.int32), params,
-                       jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
-                       jax.random.key_data(jax.random.key(0)))
-    state = jax.device_put(state, shardings)
-    batch = jax.device_put(batch, sharding.batch_sharding(mesh, rules))
-    step = jax.jit(make_train_step(cfg, graphdef, tx, lr, micro_batches=micro_batches),
-                   in_shardings=(shardings, None),
-                   out_shardings=(shardings, None), donate_argnums=(0,))
+  overrides = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "name"}
+  plan = plan_step(model=cfg.name, model_overrides=overrides, num_steps=1,
+                   batch_size=batch["inputs"].shape[0], micro_batches=micro_batches,
+                   mesh_shape=mesh_shape, rules=sharding.DEFAULT_RULES, optimizer=optim.muonclip,
+                   schedule=lambda total_steps: lambda step: 1e-4, grad_clip_norm=grad_clip_norm,
+                   z_loss_weight=0.0, devices=devices)
+  with jax.set_mesh(plan.mesh):
+    state = plan.initial_state(0)
+    batch = jax.device_put(batch, plan.batch_sharding)
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = plan.step_fn.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start
   return dict(compiled=compiled, compile_seconds=compile_seconds, state=state, batch=batch,
-              memory=compiled.memory_analysis(), tx=tx,
-              mesh=mesh, param_shardings=param_shardings, shardings=shardings)
+              memory=compiled.memory_analysis(), plan=plan)
 
 
 def peak_bytes(memory) -> int:
@@ -111,7 +103,7 @@ def time_train_step(cfg: configs.ModelConfig, batch: dict, steps: int, *, device
   built = build_train_step(cfg, batch, devices=devices, mesh_shape=mesh_shape,
                            micro_batches=micro_batches)
   compiled, state, batch = built["compiled"], built["state"], built["batch"]
-  with jax.set_mesh(built["mesh"]):
+  with jax.set_mesh(built["plan"].mesh):
     losses = []
     state, metrics_ = compiled(state, batch)  # warm-up
     losses.append(metrics_["loss"])
@@ -124,10 +116,11 @@ def time_train_step(cfg: configs.ModelConfig, batch: dict, steps: int, *, device
     seconds = (time.perf_counter() - start) / steps
     result = {"step_seconds": seconds, "losses": [float(x) for x in losses]}
     if time_optimizer:
-      tx, param_shardings = built["tx"], built["param_shardings"]
+      plan = built["plan"]
+      tx, param_shardings = plan.tx, plan.shardings.params
       max_logits = jnp.zeros((cfg.num_layers, cfg.num_kv_groups, cfg.signal_heads_per_group + 1))
       update = jax.jit(lambda g, o, p: tx.update(g, o, p, max_logits=max_logits)[0],
-                       in_shardings=(param_shardings, built["shardings"].opt_state, param_shardings),
+                       in_shardings=(param_shardings, plan.shardings.opt_state, param_shardings),
                        out_shardings=param_shardings)
       result["optimizer_seconds"] = median_seconds(update, state.params, state.opt_state,
                                                    state.params, warmup=2, iters=5)

@@ -22,7 +22,7 @@ import jax
 from absl import app, flags
 
 from motif_jax import train as train_cli  # the --gin_file / --gin_param flags, defined once
-from motif_jax import trainer
+from motif_jax import step_plan, trainer
 
 TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: v5p-64, v6e-256, v5p:2x4x4, ...")
 CPU_FALLBACK = flags.DEFINE_bool(
@@ -84,9 +84,9 @@ def train_settings() -> dict:
 
 def compile_step(settings: dict, devices):
   """Compiles the training step over `devices`; returns (its StepPlan, the compiled executable)."""
-  wanted = inspect.signature(trainer.plan_step).parameters
-  plan = trainer.plan_step(devices=devices,
-                           **{k: v for k, v in settings.items() if k in wanted})
+  wanted = inspect.signature(step_plan.plan_step).parameters
+  plan = step_plan.plan_step(devices=devices,
+                             **{k: v for k, v in settings.items() if k in wanted})
   with jax.set_mesh(plan.mesh):
     lowered = plan.step_fn.lower(plan.abstract_state(),
                                  plan.abstract_batch(settings["batch_size"], settings["seq_len"]))

@@ -6,7 +6,8 @@ checkpoints every `checkpoint_every` steps and automatic resume from `workdir/ch
 a newest checkpoint that cannot be read back). On a preemption notice (SIGTERM; with several hosts,
 at a step they all agree on) it checkpoints the current step and returns normally. A step with a
 non-finite loss or gradients changes nothing and is counted; `max_nonfinite_steps` of them in a row
-stop the run. `plan_step` builds the jitted step alone, for `motif_jax.aot`.
+stop the run. `motif_jax.step_plan.plan_step` builds the jitted step alone (for `motif_jax.aot`
+and the benchmarks).
 """
 
 
@@ -16,24 +17,22 @@ import math
 import os
 import signal
 import time
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding
 
-from motif_jax import checkpoint, configs, distributed, metrics, sharding
+from motif_jax import checkpoint, distributed, metrics, sharding
 # Light (gin and numpy; TF and seqio load in make_train_data); registers the data's gin configurables.
 from motif_jax.data import Curriculum, DataConfig, make_train_data
-from motif_jax.model import abstract_params, init_params, param_logical_axes
+from motif_jax.model import abstract_params, param_logical_axes
 from motif_jax import optim
 from motif_jax.optim import schedules
-from motif_jax.train_step import BATCH_KEYS, TrainState, make_train_step, state_shardings
+from motif_jax.step_plan import plan_step
+from motif_jax.train_step import BATCH_KEYS
 
 muonclip = gin.external_configurable(optim.muonclip, "muonclip")
 
@@ -45,78 +44,6 @@ def adamw(learning_rate: optax.Schedule, *, b1: float = 0.9, b2: float = 0.95, e
   del unused_model_layout
   return optax.with_extra_args_support(
       optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
-
-
-class StepPlan(NamedTuple):
-  """The jitted training step and what it was built from; nothing is allocated or compiled yet."""
-
-  cfg: configs.ModelConfig
-  mesh: Mesh
-  tx: optax.GradientTransformationExtraArgs
-  lr: optax.Schedule
-  graphdef: nnx.GraphDef
-  shardings: TrainState  # a NamedSharding per state leaf
-  batch_sharding: NamedSharding
-  step_fn: Callable  # (state, batch) -> (state, metrics); the state is donated
-
-  def abstract_state(self) -> TrainState:
-    """ShapeDtypeStructs of the train state, with its shardings (for restore and lowering)."""
-    params = abstract_params(self.cfg)
-    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
-                       jax.eval_shape(self.tx.init, params),
-                       jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))))
-    return checkpoint.abstract_like(state, self.shardings)
-
-  def abstract_batch(self, batch_size: int, seq_len: int) -> dict:
-    return {k: jax.ShapeDtypeStruct((batch_size, seq_len),
-                                    jnp.float32 if k == "loss_weights" else jnp.int32,
-                                    sharding=self.batch_sharding) for k in BATCH_KEYS}
-
-
-def plan_step(*, model: str, model_overrides: dict | None, num_steps: int, batch_size: int,
-              micro_batches: int, mesh_shape: Sequence[int], rules: sharding.Rules,
-              optimizer: Callable, schedule: Callable, grad_clip_norm: float | None,
-              z_loss_weight: float, devices=None) -> StepPlan:
-  """Checks the layout and builds the optimizer and the jitted step over `devices` (default: all).
-
-  Raises ValueError naming the setting when the model, batch and mesh do not fit together.
-  """
-  cfg = configs.get_model_config(model, **dict(model_overrides or {}))
-  mesh = sharding.make_mesh(mesh_shape, devices)
-  sharding.validate_layout(cfg, mesh, batch_size, rules)
-  if (batch_size // micro_batches) % (mesh.shape["data"] * mesh.shape["fsdp"]):
-    raise ValueError(f"micro-batch rows = batch_size / micro_batches = {batch_size // micro_batches} "
-                     f"is not divisible by data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']}; "
-                     "change train.micro_batches or train.batch_size.")
-  lr = schedule(total_steps=num_steps)
-  logical_axes = param_logical_axes(cfg)
-  tx = optimizer(lr, logical_axes=logical_axes, num_kv_groups=cfg.num_kv_groups,
-                 signal_heads_per_group=cfg.signal_heads_per_group, head_dim=cfg.head_dim,
-                 mesh=mesh, rules=rules)
-  if grad_clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
-  param_shardings = sharding.tree_shardings(logical_axes, mesh, rules)
-  shardings = state_shardings(tx, abstract_params(cfg), param_shardings, mesh)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  graphdef = _graphdef(cfg, rules)
-  step_fn = jax.jit(
-      make_train_step(cfg, graphdef, tx, lr, micro_batches=micro_batches,
-                      z_loss_weight=z_loss_weight),
-      in_shardings=(shardings, {k: batch_sharding for k in BATCH_KEYS}),
-      out_shardings=(shardings, None), donate_argnums=(0,))
-  return StepPlan(cfg, mesh, tx, lr, graphdef, shardings, batch_sharding, step_fn)
-
-
-def _graphdef(cfg: configs.ModelConfig, rules: sharding.Rules) -> nnx.GraphDef:
-  """The model's graph definition, from an abstract initialisation (no memory, no compute)."""
-  captured = {}
-
-  def build():
-    captured["graphdef"], params = init_params(cfg, 0, None, rules)
-    return params
-
-  jax.eval_shape(build)
-  return captured["graphdef"]
 
 
 @gin.configurable
@@ -180,7 +107,7 @@ def train(workdir: str, *,
     data_position, skipped_before = 0, 0
     restored = ckpt.restore_latest(plan.abstract_state())
     if restored is None:
-      state = _initial_state(plan, seed, rules)
+      state = plan.initial_state(seed)
     else:
       latest, state, meta = restored
       data_position = int(meta["data_position"])
@@ -225,14 +152,6 @@ def train(workdir: str, *,
       if writer:
         writer.close()
   return reporter.history
-
-
-def _initial_state(plan: StepPlan, seed: int, rules: sharding.Rules) -> TrainState:
-  _, params = init_params(plan.cfg, seed, plan.shardings.params, rules)
-  opt_state = jax.jit(plan.tx.init, out_shardings=plan.shardings.opt_state)(params)
-  state = TrainState(jnp.zeros((), jnp.int32), params, opt_state,
-                     jax.random.key_data(jax.random.key(seed)))
-  return jax.device_put(state, plan.shardings)
 
 
 def _check_settings(*, num_steps, batch_size, micro_batches, log_every, checkpoint_every,

@@ -15,14 +15,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from motif_jax import checkpoint, trainer
+from motif_jax import checkpoint, sharding, step_plan, trainer
 from motif_jax.configs import get_model_config
 from motif_jax.model import init_params
 from motif_jax.train_step import BATCH_KEYS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(model="tiny", model_overrides=None, num_steps=10, batch_size=8, micro_batches=1,
-            rules=trainer.sharding.DEFAULT_RULES, optimizer=trainer.muonclip,
+            rules=sharding.DEFAULT_RULES, optimizer=trainer.muonclip,
             schedule=lambda total_steps: lambda step: 3e-3, grad_clip_norm=1.0, z_loss_weight=0.0)
 
 
@@ -61,7 +61,7 @@ def test_a_corrupted_truncated_or_non_finite_latest_checkpoint_is_skipped(tmp_pa
 def _one_step_state(plan):
   """The train state after one real step on a synthetic batch (so optimizer moments are not zero)."""
   with jax.set_mesh(plan.mesh):
-    state = trainer._initial_state(plan, 0, TINY["rules"])  # pylint: disable=protected-access
+    state = plan.initial_state(0)
     tokens = jax.random.randint(jax.random.key(1), (8, 65), 1, 259)
     batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], loss_weights=jnp.ones((8, 64)),
                  segment_ids=jnp.ones((8, 64), jnp.int32),
@@ -74,7 +74,7 @@ def _one_step_state(plan):
 
 @pytest.mark.slow
 def test_restore_onto_another_mesh_shape_and_fewer_devices_gives_the_same_state(tmp_path, devices):
-  saved_plan = trainer.plan_step(mesh_shape=(2, 4, 1), **TINY)
+  saved_plan = step_plan.plan_step(mesh_shape=(2, 4, 1), **TINY)
   state = _one_step_state(saved_plan)
   expected = jax.device_get(state)
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
@@ -82,7 +82,7 @@ def test_restore_onto_another_mesh_shape_and_fewer_devices_gives_the_same_state(
   ckpt.close()
 
   for mesh_shape, on in (((4, 1, 2), devices), ((2, 2, 1), devices[:4])):
-    plan = trainer.plan_step(mesh_shape=mesh_shape, devices=on, **TINY)
+    plan = step_plan.plan_step(mesh_shape=mesh_shape, devices=on, **TINY)
     ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
     step, restored, _ = ckpt.restore_latest(plan.abstract_state())  # what a resuming run calls
     ckpt.close()
