@@ -103,7 +103,8 @@ def _stats(event) -> dict:
 
 
 def _kernel_events(data):
-  """(kernel name, start_ns, duration_ns, hlo_op) of every kernel on the first GPU/TPU device plane."""
+  """(kernel name, start_ns, duration_ns, hlo_op) of every kernel on the first GPU/TPU device plane,
+  and (kernel name, hlo_op, raw trace stats) of its first 5 copies (their sizes, for `copies_report`)."""
   planes = [p for p in data.planes if p.name.startswith(("/device:GPU", "/device:TPU"))]
   if planes:
     plane = sorted(planes, key=lambda p: p.name)[0]
@@ -114,7 +115,7 @@ def _kernel_events(data):
     plane = next(p for p in data.planes if p.name == "/host:CPU")
     lines = [line for line in plane.lines if line.name.startswith("tf_XLA")]
   print(f"trace plane {plane.name}: lines {[line.name for line in plane.lines]}")
-  events = []
+  events, copy_samples = [], []
   for line in lines:
     for event in line.events:
       stats = _stats(event)
@@ -128,16 +129,14 @@ def _kernel_events(data):
       if not planes and re.match(r"(while|call|conditional)\b", event.name):
         continue
       events.append((event.name, event.start_ns, event.duration_ns, hlo_op))
-      if "memcpy" in event.name.lower() and len(_MEMCPY_SAMPLES) < 5:
-        _MEMCPY_SAMPLES.append((event.name, hlo_op, stats))
-  return events
+      if "memcpy" in event.name.lower() and len(copy_samples) < 5:
+        copy_samples.append((event.name, hlo_op, stats))
+  return events, copy_samples
 
 
-_MEMCPY_SAMPLES = []  # a few copies' raw trace stats, printed by `copies_report`
-
-
-def copies_report(events, op_names: dict[str, str], steps: int, top: int) -> None:
-  """Prints the device-to-device copies of a step grouped by the HLO op that issued them."""
+def copies_report(events, copy_samples, op_names: dict[str, str], steps: int, top: int) -> None:
+  """Prints the device-to-device copies of a step grouped by the HLO op that issued them, then the
+  raw trace stats of `copy_samples` (from `_kernel_events`)."""
   groups = collections.defaultdict(lambda: [0, 0.0])
   for name, _, duration, hlo_op in events:
     if "memcpy" in name.lower():
@@ -149,7 +148,7 @@ def copies_report(events, op_names: dict[str, str], steps: int, top: int) -> Non
   for (name, hlo_op), (c, ms) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]:
     print(f"  {ms / steps:8.2f} ms x{c / steps:6.0f}  {name[:20]}  {hlo_op[:60]}  <- "
           f"{op_names.get(hlo_op, '')[-100:]}")
-  for name, hlo_op, stats in _MEMCPY_SAMPLES:
+  for name, hlo_op, stats in copy_samples:
     print(f"  sample {name} {hlo_op}: {stats}")
 
 
@@ -224,7 +223,7 @@ def main(argv):
     jax.profiler.stop_trace()
 
   trace_path, data = _load_trace(profile_dir)
-  events = _kernel_events(data)
+  events, copy_samples = _kernel_events(data)
   mapped = sum(1 for event in events if event[3] in op_names)
   print(f"{len(events)} kernels traced, {mapped} mapped to an HLO op_name")
   if args.dump and os.environ.get("OUT"):  # the raw trace and HLO, to study offline
@@ -233,12 +232,13 @@ def main(argv):
       f.write(hlo_text)
   table, top, busy_ms = breakdown(events, op_names, args.steps)
   if args.copies:
-    copies_report(events, op_names, args.steps, args.top)
+    copies_report(events, copy_samples, op_names, args.steps, args.top)
   tokens = args.batch * args.seq_len
   flops = metrics.train_flops_per_token(cfg, args.seq_len) * tokens
   print(f"\n{args.model} layers={cfg.num_layers} batch={args.batch} micro_batches={args.micro_batches} "
         f"seq={args.seq_len} variant={args.variant}: step {wall_ms:.1f} ms (traced), "
-        f"{tokens / wall_ms * 1e3:,.0f} tokens/s, MFU(989) {100 * flops / (wall_ms / 1e3) / DATASHEET_PEAK:.1f}%, "
+        f"{tokens / wall_ms * 1e3:,.0f} tokens/s, "
+        f"MFU(989) {100 * flops / (wall_ms / 1e3) / DATASHEET_PEAK:.1f}%, "
         f"peak {peak_bytes(built['memory']) / 2**30:.1f} GiB")
   print(f"{'part':24s} {'phase':10s} {'ms/step':>9s} {'matmul ms':>10s} {'% step':>7s}")
   rows = sorted(table.items(), key=lambda kv: -kv[1]["ms"])

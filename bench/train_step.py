@@ -5,8 +5,9 @@
 
 Builds the preset (optionally with fewer layers), synthetic random tokens, and the real jitted train
 step the trainer runs (`motif_jax.step_plan.plan_step`: MuonClip, clipping at 1.0), then for each
-variant `attention_impl/mlp_impl/remat_policy[/unrolled]` prints tokens/s, step time, MFU against the 989 TFLOP/s
-datasheet peak and against a bf16 matmul ceiling measured in this run, and peak device memory.
+variant `attention_impl/mlp_impl/remat_policy[/unrolled]` prints tokens/s, step time, MFU against the
+989 TFLOP/s datasheet peak and against a bf16 matmul ceiling measured in this run, and peak device
+memory.
 FLOPs follow `motif_jax.metrics` (both GDA maps, causal attention at half, training = 3 x forward).
 Writes JSON to $OUT/train_step.json when OUT is set.
 """
@@ -57,12 +58,11 @@ def variant_config(model: str, variant: str, layers: int | None = None) -> confi
 
 
 def build_train_step(cfg: configs.ModelConfig, batch: dict, *, devices=None,
-                     mesh_shape=(1, -1, 1), micro_batches: int = 1,
-                     grad_clip_norm: float | None = GRAD_CLIP_NORM) -> dict:
+                     mesh_shape=(1, -1, 1), micro_batches: int = 1) -> dict:
   """Compiles the train step of `cfg` for `batch` over `devices` (default: the first device).
 
   The step is the trainer's own (`motif_jax.step_plan.plan_step`): MuonClip at a constant learning
-  rate, gradient clipping at `grad_clip_norm`, the default logical-axis rules on a mesh of
+  rate, gradient clipping at GRAD_CLIP_NORM, the default logical-axis rules on a mesh of
   `mesh_shape`, the batch's rows split into `micro_batches` accumulated micro-batches. Returns a dict
   with the `compiled` step, `compile_seconds`, the initial `state` and `batch` on device, `memory`
   (the compiled memory analysis), and the `plan` for callers that time parts of it.
@@ -72,7 +72,7 @@ def build_train_step(cfg: configs.ModelConfig, batch: dict, *, devices=None,
   plan = plan_step(model=cfg.name, model_overrides=overrides, num_steps=1,
                    batch_size=batch["inputs"].shape[0], micro_batches=micro_batches,
                    mesh_shape=mesh_shape, rules=sharding.DEFAULT_RULES, optimizer=optim.muonclip,
-                   schedule=lambda total_steps: lambda step: 1e-4, grad_clip_norm=grad_clip_norm,
+                   schedule=lambda total_steps: lambda step: 1e-4, grad_clip_norm=GRAD_CLIP_NORM,
                    z_loss_weight=0.0, devices=devices)
   with jax.set_mesh(plan.mesh):
     state = plan.initial_state(0)
@@ -166,7 +166,8 @@ def main(argv):
 
   print(f"\nbf16 matmul ceiling measured: {ceiling / 1e12:.0f} TFLOP/s; datasheet 989; "
         f"FLOPs: {metrics.FLOP_CONVENTION}, both GDA maps, training = 3 x forward")
-  print(f"{'variant':34s} {'tokens/s':>10s} {'step ms':>9s} {'MFU(989)':>9s} {'MFU(ceil)':>9s} {'peak GiB':>9s} {'compile s':>9s}")
+  print(f"{'variant':34s} {'tokens/s':>10s} {'step ms':>9s} {'MFU(989)':>9s} {'MFU(ceil)':>9s} "
+        f"{'peak GiB':>9s} {'compile s':>9s}")
   for r in results:
     if "error" in r:
       print(f"{r['variant']:34s} {r['error']}")

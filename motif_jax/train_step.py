@@ -101,8 +101,8 @@ def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef,
     def as_params(grads):
       if not per_layer:
         return grads
-      rest, layers = grads
-      return {**rest, "blocks": jax.tree.map(lambda *leaves: jnp.stack(leaves), *layers)}
+      other_grads, layer_grads = grads
+      return {**other_grads, "blocks": jax.tree.map(lambda *leaves: jnp.stack(leaves), *layer_grads)}
 
     if micro_batches == 1:  # no accumulation buffer: the gradients are the step's own
       (loss_sum, (weight_sum, max_logits)), grads = grad_fn(batch)

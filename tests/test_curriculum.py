@@ -88,7 +88,8 @@ def test_a_task_a_stage_does_not_name_is_not_drawn_there():
                            block_size=8, seed=0)
   code, math = 0, 2  # EMBEDDED_DOMAINS order
   spans = {"before": (0, 48), "math stage": (49, 97), "after": (98, 150)}  # batches; 2,048 tokens each
-  counts = {name: plan.task_counts(plan.batch_start(a), plan.batch_start(b)) for name, (a, b) in spans.items()}
+  counts = {name: plan.task_counts(plan.batch_start(a), plan.batch_start(b))
+            for name, (a, b) in spans.items()}
   assert counts["before"][math] == 0 and counts["before"][code] > 0
   assert counts["math stage"][code] == 0 and counts["math stage"][math] > 0
   assert counts["after"][math] == 0 and counts["after"][code] > 0
@@ -239,7 +240,8 @@ def test_bad_configuration_fails_with_a_message_that_names_it(tmp_path):
   """Acceptance: weights not positive, unknown task, stages out of order, vocabulary, missing file."""
   good = {"code": 1.0, "prose": 1.0, "math": 1.0}
   cases = [
-      ([(0, dict(good, math=-0.5))], "stages\\[0\\] weight of task 'math' is -0.5; weights must be finite and > 0"),
+      ([(0, dict(good, math=-0.5))],
+       "stages\\[0\\] weight of task 'math' is -0.5; weights must be finite and > 0"),
       ([(0, good), (1e6, dict(good, math=0.0))],
        "stages\\[1\\] weight of task 'math' is 0.0; .* omit it from that stage"),
       ([(0, dict(good, math=float("nan")))], "stages\\[0\\] weight of task 'math' is nan"),
@@ -248,7 +250,8 @@ def test_bad_configuration_fails_with_a_message_that_names_it(tmp_path):
       ([(0, good), (5e6, good), (1e6, good)],
        "Stages out of order: curriculum.stages\\[2\\] starts at 1e\\+06"),
       ([(10, good)], "the first stage must start at 0"),
-      ([(0, {"code": 1.0, "prose": 1.0}), (1e6, {"prose": 1.0})], "Task\\(s\\) \\['math'\\] appear in no stage"),
+      ([(0, {"code": 1.0, "prose": 1.0}), (1e6, {"prose": 1.0})],
+       "Task\\(s\\) \\['math'\\] appear in no stage"),
   ]
   for stages, message in cases:
     with pytest.raises(ValueError, match=message):
