@@ -11,8 +11,10 @@ cotangent) of the kernel and of the reference, in one run, measured two ways:
   (the kernel's custom_vjp residuals; for the reference, whatever JAX's autodiff saves), a second jit runs
   the backward from them; the time is the sum of the two. Achieved GB/s counts the bytes a fused pass must move:
 forward reads gate and up and writes out (3 arrays); backward reads gate, up and the cotangent and writes dgate
-and dup (5 arrays); forward+backward is their sum (8 arrays). The ceiling is `copy_gbps` (an XLA `x * 2`,
-read + write) at the same shape and dtype, measured in the same run. --sweep also times GPU tuning options
+and dup (5 arrays); forward+backward is their sum (8 arrays). The ceilings are `copy_gbps` (an XLA `x * 2`,
+read + write) and, on a GPU, `pallas_copy_gbps` (the same as a tiled Pallas kernel, best tiling; XLA's
+bfloat16 elementwise kernels run well under the memory's rate) at the same shape and dtype, measured in the
+same run. --sweep also times GPU tuning options
 (block_cols, num_warps, num_stages). Prints a table; writes JSON to $OUT/kernels_polynorm.json when OUT is set.
 """
 
@@ -26,7 +28,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from bench.timing import copy_gbps, median_seconds, random_like
+from bench.timing import copy_gbps, median_seconds, pallas_copy_gbps, random_like
 from pallas_kernels.polynorm import mul_polynorm, mul_polynorm_reference, mul_polynorm_sharded
 
 # GPU tuning options (block_cols, num_warps, num_stages); block_cols 0 means the whole row in one chunk.
@@ -71,15 +73,17 @@ def _time_pair(fn, args, cotangent, iters):
           _split_seconds(fn, args, cotangent, iters), out)
 
 
-def _row(name, shape, dtype, forward_s, total_s, split_s, copy, reference=None, error=None):
+def _row(name, shape, dtype, forward_s, total_s, split_s, copies, reference=None, error=None):
   size = shape[0] * shape[1] * jnp.dtype(dtype).itemsize
   row = {
       "impl": name, "shape": list(shape), "dtype": jnp.dtype(dtype).name,
       "fwd_ms": forward_s * 1e3, "fwd_bwd_ms": total_s * 1e3, "bwd_ms": (total_s - forward_s) * 1e3,
       "split_fwd_bwd_ms": split_s * 1e3,
-      "fwd_gbps": 3 * size / forward_s / 1e9, "fwd_bwd_gbps": 8 * size / total_s / 1e9, "copy_gbps": copy,
+      "fwd_gbps": 3 * size / forward_s / 1e9, "fwd_bwd_gbps": 8 * size / total_s / 1e9, **copies,
   }
-  row["fwd_bwd_pct_copy"] = 100 * row["fwd_bwd_gbps"] / copy
+  row["fwd_bwd_pct_copy"] = 100 * row["fwd_bwd_gbps"] / copies["copy_gbps"]
+  if "pallas_copy_gbps" in copies:
+    row["fwd_bwd_pct_pallas_copy"] = 100 * row["fwd_bwd_gbps"] / copies["pallas_copy_gbps"]
   if reference is not None:
     row["fwd_speedup"] = reference["fwd_ms"] / row["fwd_ms"]
     row["fwd_bwd_speedup"] = reference["fwd_bwd_ms"] / row["fwd_bwd_ms"]
@@ -99,9 +103,12 @@ def bench_shape(shape, dtype, impl, sweep, iters, interpret=False):
   path (on a one-device mesh: statistics kernel, then apply kernel, in each pass), then the sweep."""
   args = _inputs(shape, dtype)
   cotangent = random_like(jax.random.key(1), args[0])
-  copy = copy_gbps(shape, dtype)
+  copies = {"copy_gbps": copy_gbps(shape, dtype)}
+  if jax.default_backend() == "gpu":
+    copies["pallas_copy_gbps"], tiling = pallas_copy_gbps(shape, dtype)
+    copies["pallas_copy_tiling"] = list(tiling)
   forward_s, total_s, split_s, want = _time_pair(mul_polynorm_reference, args, cotangent, iters)
-  reference = _row("reference", shape, dtype, forward_s, total_s, split_s, copy)
+  reference = _row("reference", shape, dtype, forward_s, total_s, split_s, copies)
   rows = [reference]
   one_device = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1],
                              axis_types=(jax.sharding.AxisType.Auto,) * 3)
@@ -116,7 +123,7 @@ def bench_shape(shape, dtype, impl, sweep, iters, interpret=False):
     except Exception as e:  # a tuning option the compiler rejects (registers, shared memory): report, go on
       rows.append({"impl": name, "shape": list(shape), "error": f"{type(e).__name__}: {str(e)[:200]}"})
       continue
-    rows.append(_row(name, shape, dtype, forward_s, total_s, split_s, copy, reference,
+    rows.append(_row(name, shape, dtype, forward_s, total_s, split_s, copies, reference,
                      _relative_error(got, want)))
   return rows
 
@@ -124,7 +131,7 @@ def bench_shape(shape, dtype, impl, sweep, iters, interpret=False):
 def _print_table(rows):
   columns = [("impl", "{}"), ("shape", "{}"), ("fwd_ms", "{:.3f}"), ("fwd_bwd_ms", "{:.3f}"), ("bwd_ms", "{:.3f}"),
              ("fwd_gbps", "{:.0f}"), ("fwd_bwd_gbps", "{:.0f}"), ("copy_gbps", "{:.0f}"),
-             ("fwd_bwd_pct_copy", "{:.1f}"), ("split_fwd_bwd_ms", "{:.3f}"), ("fwd_speedup", "{:.2f}"),
+             ("fwd_bwd_pct_copy", "{:.1f}"), ("pallas_copy_gbps", "{:.0f}"), ("fwd_bwd_pct_pallas_copy", "{:.1f}"), ("split_fwd_bwd_ms", "{:.3f}"), ("fwd_speedup", "{:.2f}"),
              ("fwd_bwd_speedup", "{:.2f}"), ("split_speedup", "{:.2f}"),
              ("max_rel_err_fwd", "{:.1e}")]
   print(" | ".join(name for name, _ in columns))

@@ -1,7 +1,9 @@
 """Timing helpers shared by the benchmark scripts: medians over timed calls and measured ceilings.
 
 Every figure a benchmark reports is a ratio against a ceiling measured in the same run: `matmul_tflops`
-(a bf16 matmul through XLA) and `copy_gbps` (an elementwise read+write through XLA at the reported shape).
+(a bf16 matmul through XLA), `copy_gbps` (an elementwise read+write through XLA at the reported shape) and
+`pallas_copy_gbps` (the same read+write as a tiled Pallas kernel, best of a few tilings: XLA's elementwise
+kernels do not reach the memory's rate on every shape, so a kernel can beat `copy_gbps`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+# Pallas copy tilings (block_rows, block_cols, num_warps) that `pallas_copy_gbps` tries on a GPU.
+GPU_COPY_TILINGS = ((1, 4096, 4), (1, 8192, 8), (2, 4096, 8), (4, 2048, 8), (8, 1024, 4), (8, 2048, 8),
+                    (16, 1024, 8), (32, 512, 4), (64, 256, 4))
 
 
 def median_seconds(fn, *args, warmup: int = 3, iters: int = 10, batch_seconds: float = 0.05) -> float:
@@ -50,6 +57,36 @@ def copy_gbps(shape, dtype=jnp.bfloat16, seed: int = 0) -> float:
   x = jax.random.normal(jax.random.key(seed), shape, dtype)
   seconds = median_seconds(jax.jit(lambda v: v * 2), x)
   return 2 * x.size * x.dtype.itemsize / seconds / 1e9
+
+
+def _pallas_copy(x, block_rows: int, block_cols: int, num_warps: int, interpret: bool):
+  """x * 2 as a Pallas kernel over [block_rows, block_cols] tiles of a 2-D x."""
+  from jax.experimental.pallas import triton as plgpu  # GPU-only compiler params, imported where used
+
+  def kernel(x_ref, o_ref):
+    o_ref[...] = x_ref[...] * 2
+
+  spec = pl.BlockSpec((block_rows, block_cols), lambda i, j: (i, j))
+  return pl.pallas_call(
+      kernel, grid=(pl.cdiv(x.shape[0], block_rows), pl.cdiv(x.shape[1], block_cols)), in_specs=[spec],
+      out_specs=spec, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps), interpret=interpret)(x)
+
+
+def pallas_copy_gbps(shape, dtype=jnp.bfloat16, tilings=GPU_COPY_TILINGS, seed: int = 0,
+                     interpret: bool = False) -> tuple[float, tuple[int, int, int]]:
+  """(best GB/s, its (block_rows, block_cols, num_warps)) of a Pallas `x * 2` over a random [rows, cols]
+  tensor, bytes read + written, over `tilings`. A tiling the compiler rejects is skipped."""
+  x = jax.random.normal(jax.random.key(seed), shape, dtype)
+  best = (0.0, None)
+  for tiling in tilings:
+    fn = jax.jit(lambda v, t=tiling: _pallas_copy(v, *t, interpret=interpret))
+    try:
+      seconds = median_seconds(fn, x)
+    except Exception:  # a tiling over the compiler's limits (registers, shared memory)
+      continue
+    best = max(best, (2 * x.size * x.dtype.itemsize / seconds / 1e9, tiling))
+  return best
 
 
 def random_like(key, tree):
