@@ -112,7 +112,8 @@ def train(workdir: str, *,
       latest, state, meta = restored
       data_position = int(meta["data_position"])
       skipped_before = int(meta.get("skipped_steps", 0))
-      logging.info("Resumed from step %d (data position %d).", latest, data_position)
+      if jax.process_index() == 0:
+        print(f"resumed from step {latest} of {ckpt.directory} (data position {data_position})", flush=True)
 
     writer = metrics.MetricWriter(os.path.join(workdir, "logs")) if jax.process_index() == 0 else None
     reporter = _Reporter(cfg, seq_len, batch_size, num_steps, peak_tflops_per_device, writer)
@@ -120,6 +121,9 @@ def train(workdir: str, *,
     preemption = checkpoint.PreemptionWatch()
     batches = _stacked([stream.batches(start=data_position) for stream in data_streams])
     step = int(state.step)
+    if step >= num_steps and jax.process_index() == 0:
+      print(f"nothing to train: the checkpoint is at step {step} and train.num_steps = {num_steps}; raise "
+            "train.num_steps to train on, or pass a new --workdir to start over", flush=True)
     try:
       while step < num_steps:
         local_rows = next(batches)

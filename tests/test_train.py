@@ -127,6 +127,7 @@ def test_kill_and_resume_reproduce_an_uninterrupted_run_bit_for_bit(tmp_path):
   assert max(step for step, _ in _losses(broken)) == 12
   code, output = _run(broken, "NUM_STEPS=20")
   assert code == 0, output
+  assert "resumed from step 10 of " in output, output
   expected = dict(_losses(straight))
   assert sorted(expected) == list(range(1, 21))
   resumed = _losses(broken)
@@ -134,6 +135,9 @@ def test_kill_and_resume_reproduce_an_uninterrupted_run_bit_for_bit(tmp_path):
   for step, loss in resumed:  # steps 11-12 ran twice (before the kill and after resuming from 10)
     assert loss == expected[step], (step, loss, expected[step])
   assert expected[20] < 0.75 * expected[1]
+  code, output = _run(broken, "NUM_STEPS=20")  # already done: says so, trains nothing, loses nothing
+  assert code == 0 and "nothing to train: the checkpoint is at step 20" in output, output
+  assert _losses(broken) == resumed
 
 
 @pytest.mark.slow
