@@ -15,6 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 # Pallas copy tilings (block_rows, block_cols, num_warps) that `pallas_copy_gbps` tries on a GPU.
 GPU_COPY_TILINGS = ((1, 4096, 4), (1, 8192, 8), (2, 4096, 8), (4, 2048, 8), (8, 1024, 4), (8, 2048, 8),
@@ -61,8 +62,6 @@ def copy_gbps(shape, dtype=jnp.bfloat16, seed: int = 0) -> float:
 
 def _pallas_copy(x, block_rows: int, block_cols: int, num_warps: int, interpret: bool):
   """x * 2 as a Pallas kernel over [block_rows, block_cols] tiles of a 2-D x."""
-  from jax.experimental.pallas import triton as plgpu  # GPU-only compiler params, imported where used
-
   def kernel(x_ref, o_ref):
     o_ref[...] = x_ref[...] * 2
 

@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from motif_jax.configs import ModelConfig
-from motif_jax.model.transformer import unstack_layers
+from motif_jax.model.transformer import stack_layers, unstack_layers
 
 BATCH_KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
 
@@ -102,7 +102,7 @@ def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef,
       if not per_layer:
         return grads
       other_grads, layer_grads = grads
-      return {**other_grads, "blocks": jax.tree.map(lambda *leaves: jnp.stack(leaves), *layer_grads)}
+      return {**other_grads, "blocks": stack_layers(layer_grads)}
 
     if micro_batches == 1:  # no accumulation buffer: the gradients are the step's own
       (loss_sum, (weight_sum, max_logits)), grads = grad_fn(batch)

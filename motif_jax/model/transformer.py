@@ -43,12 +43,17 @@ def unstack_layers(stacked):
   return tuple(jax.tree.map(lambda leaf: leaf[i], stacked) for i in range(layers))
 
 
+def stack_layers(per_layer):
+  """The inverse of `unstack_layers`: a sequence of per-layer pytrees -> one of [layers, ...] leaves."""
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_layer)
+
+
 def _unstack_forward(stacked):
   return unstack_layers(stacked), None
 
 
 def _unstack_backward(_, per_layer):
-  return (jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_layer),)
+  return (stack_layers(per_layer),)
 
 
 unstack_layers.defvjp(_unstack_forward, _unstack_backward)
