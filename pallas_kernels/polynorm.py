@@ -23,13 +23,22 @@ per row block. When the feature axis is sharded (`mul_polynorm_sharded`), the pa
 tensor axis between the two kernels. The backward recomputes the powers of z; its residuals are gate, up, coef
 and inv_rms [rows, 4] (the three inverse RMS values per row, plus the constant r_0 = 1).
 
-TPU (Mosaic): a program takes a [block_rows, F] block into VMEM and does both passes on it. GPU (Triton): a
-program takes one row and walks it twice in chunks of block_cols; the second walk re-reads the row from L2
-(with a single chunk, each input is read once). The first walk's loads ask L2 to keep their lines
-(evict_last), the second walk's loads and every store ask it to drop theirs first (evict_first), so the
-streamed outputs do not push out rows still waiting for their second walk: on an H200 this took the fused
-backward from 3.2 to 3.4-3.6 TB/s and forward+backward from 3.3 to 3.6 TB/s, 91% of a Pallas copy
-(bench/kernels_polynorm.py).
+TPU (Mosaic): a program takes a [block_rows, F] block into VMEM and does both passes on it.
+
+GPU, two kernel families:
+  * Mosaic GPU (Hopper and newer; rows of a multiple of 256 features, three rows of inputs within 200 KiB):
+    a CUDA block (one warpgroup) per row. TMA copies the row's inputs into shared memory in parts, one
+    barrier each, so the first pass starts on the first part while the rest arrives; the first pass reads
+    shared memory for the row sums, the second reads it again and writes the outputs in place over the
+    inputs, and TMA sends each part back as soon as it is written. Each input crosses HBM once, each output
+    once: on an H200, [8192, 16384] bfloat16 forward 0.194 ms, backward 0.325 ms, 1.05-1.08x the rate of a
+    tiled Pallas Triton copy (bench/kernels_polynorm.py).
+  * Triton: a program takes one row and walks it twice in chunks of block_cols; the second walk re-reads the
+    row from L2 (with a single chunk, each input is read once). The first walk's loads ask L2 to keep their
+    lines (evict_last), the second walk's loads and every store ask it to drop theirs first (evict_first).
+    It takes any width, and runs the sharded path's statistics and apply kernels; on an H200 its backward
+    reaches 87-91% of a Pallas copy (0.38-0.40 ms at [8192, 16384]).
+"pallas_gpu" runs Mosaic GPU where it fits and Triton elsewhere; "pallas_mosaic_gpu" and "pallas_triton" pick one.
 """
 
 from __future__ import annotations
@@ -43,11 +52,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plmgpu
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
-IMPLS = ("auto", "reference", "pallas_tpu", "pallas_gpu")
+IMPLS = ("auto", "reference", "pallas_tpu", "pallas_gpu", "pallas_mosaic_gpu", "pallas_triton")
 NUM_POWERS = 4  # z^0 (bias) .. z^3
 
 
@@ -74,7 +84,7 @@ def mul_polynorm_reference(gate, up, weight, bias, *, eps: float = 1e-6):
   return (poly * up.astype(jnp.float32)).astype(gate.dtype)
 
 
-# ------------------------------------------------- row math, shared by both kernels (all float32)
+# --------------------------------------------------- row math, shared by all kernels (all float32)
 # z, dp: a block of rows of the features, or a chunk of them: [n, f] on TPU, [f] (one row) on GPU. A row
 # statistic is a tuple of four per-row columns, k = 0..3: [n, 1] arrays on TPU, scalars on GPU.
 
@@ -318,7 +328,7 @@ def _backward_kernel(coef_ref, gate_ref, up_ref, dout_ref, inv_rms_ref, *refs, v
 class _Config:
   """Static settings of one kernel path. features: the FULL length of the normalised axis (all shards)."""
 
-  impl: str  # "pallas_tpu" | "pallas_gpu"
+  impl: str  # "pallas_tpu" | "pallas_triton" | "pallas_mosaic_gpu"
   eps: float
   features: int
   interpret: bool = False
@@ -405,6 +415,9 @@ def _forward_call(cfg: _Config, gate, up, coef, inv_rms=None):
   Without inv_rms the row statistics are computed in the kernel (f must be the full row); with it, only applied.
   """
   rows = gate.shape[0]
+  if cfg.impl == "pallas_mosaic_gpu":  # whole rows only (see _resolve_impl)
+    kernel = functools.partial(_mosaic_forward_kernel, eps=cfg.eps)
+    return _mosaic_call(cfg, kernel, coef, (gate, up), (), 1, "polynorm_forward_mosaic_gpu")
   kernel = functools.partial(_forward_kernel, features=cfg.features, eps=cfg.eps, fused=inv_rms is None)
   out_shape = jax.ShapeDtypeStruct(gate.shape, gate.dtype)
   if inv_rms is None:
@@ -426,6 +439,9 @@ def _backward_call(cfg: _Config, gate, up, dout, coef, inv_rms, grad_sums=None):
 
   Without grad_sums they are computed in the kernel (f must be the full row); with them, only applied.
   """
+  if cfg.impl == "pallas_mosaic_gpu":  # whole rows only (see _resolve_impl)
+    return _mosaic_call(cfg, _mosaic_backward_kernel, coef, (gate, up, dout), (inv_rms,), 2,
+                        "polynorm_backward_mosaic_gpu")
   kernel = functools.partial(_backward_kernel, features=cfg.features, fused=grad_sums is None)
   grads_shape = [jax.ShapeDtypeStruct(gate.shape, gate.dtype), jax.ShapeDtypeStruct(up.shape, up.dtype)]
   inputs = [coef, gate, up, dout, inv_rms]
@@ -440,6 +456,158 @@ def _coef_grad(inv_rms, grad_sums):
   """d coef [4] = sum over rows of r_k c_k; inv_rms, grad_sums [rows, 4]."""
   return jnp.sum(inv_rms * grad_sums, axis=0)
 
+
+# ----------------------------------------------------------------- Mosaic GPU: the row in shared memory
+# Rows are viewed as [rows, lines, 256] (a TMA box spans at most 256 elements per dimension); a row's inputs
+# sit in shared memory as [lines, 256] buffers, copied in `parts` transfers of part_lines lines, and the
+# registers take chunk_lines lines at a time (8 x 256 = 16 values per thread of the warpgroup).
+
+MOSAIC_LANES = 256
+MOSAIC_SMEM_BYTES = 200 * 2**10  # the backward's three rows of inputs (an H100/H200 block has 227 KiB)
+_MOSAIC_PARTS = 4  # at most; on an H200, 1 to 8 parts and 4 to 16 lines per chunk all ran within 2%
+_MOSAIC_CHUNK_LINES = 8  # at most
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+  return max(d for d in range(1, at_most + 1) if n % d == 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MosaicPlan:
+  """How a Mosaic GPU kernel splits a row of `features` = lines * 256."""
+
+  features: int
+
+  @property
+  def lines(self) -> int:
+    return self.features // MOSAIC_LANES
+
+  @property
+  def parts(self) -> int:
+    return _largest_divisor(self.lines, _MOSAIC_PARTS)
+
+  @property
+  def part_lines(self) -> int:
+    return self.lines // self.parts
+
+  @property
+  def chunk_lines(self) -> int:
+    return _largest_divisor(self.part_lines, _MOSAIC_CHUNK_LINES)
+
+  def part(self, p: int):
+    return pl.ds(p * self.part_lines, self.part_lines)
+
+  def chunk(self, p: int, j):
+    """Chunk j of part p, as an index of a [lines, 256] buffer."""
+    return pl.ds(p * self.part_lines + j * self.chunk_lines, self.chunk_lines), slice(None)
+
+
+def _mosaic_gpu_unfit(features: int, dtype, interpret: bool) -> str | None:
+  """Why the Mosaic GPU kernels cannot take rows of `features` of `dtype` here, or None if they can."""
+  if features % MOSAIC_LANES:
+    return f"features={features} is not a multiple of {MOSAIC_LANES}"
+  if 3 * features * jnp.dtype(dtype).itemsize > MOSAIC_SMEM_BYTES:
+    return f"three rows of {features} {jnp.dtype(dtype).name} exceed {MOSAIC_SMEM_BYTES} bytes of shared memory"
+  if not interpret and jax.default_backend() == "gpu":
+    capability = getattr(jax.devices()[0], "compute_capability", "0")
+    if float(capability) < 9.0:
+      return f"it needs a Hopper or newer GPU (TMA), found compute capability {capability}"
+  return None
+
+
+def _mosaic_load_row(row, plan: _MosaicPlan, rows_hbm, smem, barriers):
+  """Starts the TMA copies of row `row` of each [rows, lines, 256] input into its [lines, 256] buffer; part p
+  of every input arrives on barriers[p]."""
+  for p in range(plan.parts):
+    for src, dst in zip(rows_hbm, smem):
+      plmgpu.copy_gmem_to_smem(src.at[row, plan.part(p)], dst.at[plan.part(p)], barriers.at[p])
+
+
+def _mosaic_row_sums(plan: _MosaicPlan, smem, barriers, terms_fn, num_terms: int):
+  """Row sums of the num_terms arrays terms_fn(*chunk values of each buffer in smem, float32), summed
+  elementwise over the chunks and reduced once; waits for each part of the row as it comes."""
+  acc = (jnp.zeros((plan.chunk_lines, MOSAIC_LANES), jnp.float32),) * num_terms
+  for p in range(plan.parts):
+    plmgpu.barrier_wait(barriers.at[p])
+
+    def step(j, acc, p=p):
+      terms = terms_fn(*(ref[plan.chunk(p, j)].astype(jnp.float32) for ref in smem))
+      return tuple(a + t for a, t in zip(acc, terms))
+
+    acc = lax.fori_loop(0, plan.part_lines // plan.chunk_lines, step, acc)
+  return tuple(jnp.sum(a) for a in acc)
+
+
+def _mosaic_apply(row, plan: _MosaicPlan, smem, apply_fn, outputs):
+  """Writes apply_fn(*chunk values of each buffer, float32) in place, output i over smem[slot_i], and sends each
+  part to row `row` of its [rows, lines, 256] output by TMA once written. outputs: ((slot, output ref), ...)."""
+  for p in range(plan.parts):
+
+    def step(j, carry, p=p):
+      values = apply_fn(*(ref[plan.chunk(p, j)].astype(jnp.float32) for ref in smem))
+      for (slot, _), value in zip(outputs, values):
+        smem[slot][plan.chunk(p, j)] = value.astype(smem[slot].dtype)
+      return carry
+
+    lax.fori_loop(0, plan.part_lines // plan.chunk_lines, step, 0)
+    plmgpu.commit_smem()
+    for slot, out_hbm in outputs:
+      plmgpu.copy_smem_to_gmem(smem[slot].at[plan.part(p)], out_hbm.at[row, plan.part(p)])
+  plmgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the buffers must outlive the copies that read them
+
+
+def _store_row_stats(ref, row, columns):
+  for k, col in enumerate(columns):
+    ref[row, k] = col
+
+
+def _mosaic_forward_kernel(coef_hbm, gate_hbm, up_hbm, out_hbm, inv_rms_hbm, gate_smem, up_smem, barriers, *,
+                           plan, eps):
+  """out = PolyNorm(gate) * up for one row, written over up in shared memory; inv_rms [rows, 4]."""
+  row, smem = lax.axis_index("rows"), (gate_smem, up_smem)
+  _mosaic_load_row(row, plan, (gate_hbm, up_hbm), smem, barriers)
+  inv_rms = _inv_rms(*_mosaic_row_sums(plan, (gate_smem,), barriers, _power_terms, 3), plan.features, eps)
+  _store_row_stats(inv_rms_hbm, row, inv_rms)
+  scale = tuple(c * r for c, r in zip(_coef_columns(coef_hbm), inv_rms))
+  _mosaic_apply(row, plan, smem, lambda z, up: (_polynomial(z, scale) * up,), ((1, out_hbm),))
+
+
+def _mosaic_backward_kernel(coef_hbm, gate_hbm, up_hbm, dout_hbm, inv_rms_hbm, dgate_hbm, dup_hbm, grad_sums_hbm,
+                            gate_smem, up_smem, dout_smem, barriers, *, plan):
+  """dgate (over gate) and dup (over up) for one row; grad sums [rows, 4]."""
+  row, smem = lax.axis_index("rows"), (gate_smem, up_smem, dout_smem)
+  _mosaic_load_row(row, plan, (gate_hbm, up_hbm, dout_hbm), smem, barriers)
+  grad_sums = _mosaic_row_sums(plan, smem, barriers, lambda z, up, dout: _grad_terms(z, dout * up),
+                               NUM_POWERS)
+  _store_row_stats(grad_sums_hbm, row, grad_sums)
+  inv_rms = tuple(inv_rms_hbm[row, k] for k in range(NUM_POWERS))
+  scale, scale_e = _grad_coefficients(_coef_columns(coef_hbm), inv_rms, grad_sums, plan.features)
+
+  def apply(z, up, dout):
+    return _polynomial_grad(z, dout * up, scale, scale_e), dout * _polynomial(z, scale)
+
+  _mosaic_apply(row, plan, smem, apply, ((0, dgate_hbm), (1, dup_hbm)))
+
+
+def _mosaic_call(cfg: _Config, kernel, coef, row_inputs, stats_inputs, num_row_outputs: int, name: str):
+  """Runs `kernel(coef, *row_inputs, *stats_inputs, *row outputs, stats output, *buffers, barriers, plan=...)`
+  with a CUDA block per row, as the Mosaic GPU kernel `name`.
+
+  row_inputs: [rows, features] arrays, each given a [lines, 256] shared-memory buffer; stats_inputs: [rows, 4].
+  Returns num_row_outputs arrays [rows, features] in row_inputs[0]'s dtype, then row statistics [rows, 4].
+  """
+  rows, features = row_inputs[0].shape
+  plan = _MosaicPlan(features)
+  lines = (rows, plan.lines, MOSAIC_LANES)
+  outs = plmgpu.kernel(
+      functools.partial(kernel, plan=plan),
+      out_type=[jax.ShapeDtypeStruct(lines, row_inputs[0].dtype)] * num_row_outputs + [_stats_shape(rows)],
+      scratch_types=[plmgpu.SMEM(lines[1:], x.dtype) for x in row_inputs]
+      + [plmgpu.Barrier(num_arrivals=len(row_inputs), num_barriers=plan.parts)],
+      grid=(rows,), grid_names=("rows",), kernel_name=name,
+      interpret=plmgpu.InterpretGPUParams() if cfg.interpret else None,
+  )(coef, *(x.reshape(lines) for x in row_inputs), *stats_inputs)
+  return (*(out.reshape(rows, features) for out in outs[:-1]), outs[-1])
 
 # ---------------------------------------------------------------------------------- custom VJP, unsharded
 
@@ -484,6 +652,7 @@ class _Layout:
   axis: str
   batch_axes: tuple[str, ...]
   ndim: int
+  split: bool  # features split over more than one device: statistics kernels, psum, then apply kernels
 
   @property
   def data_spec(self):
@@ -502,9 +671,12 @@ def _sharded_forward(cfg: _Config, layout: _Layout, gate, up, coef):
   """-> out [..., features] and inv_rms [..., 4], sharded by layout."""
 
   def local(gate, up, coef):
-    sums = lax.psum(_power_sums_call(cfg, _rows(gate)), layout.axis)
-    inv_rms = lax.rsqrt(sums * (1.0 / cfg.features) + cfg.eps).at[:, 0].set(1.0)  # as _inv_rms, per column
-    out, _ = _forward_call(cfg, _rows(gate), _rows(up), coef, inv_rms)
+    if layout.split:
+      sums = lax.psum(_power_sums_call(cfg, _rows(gate)), layout.axis)
+      inv_rms = lax.rsqrt(sums * (1.0 / cfg.features) + cfg.eps).at[:, 0].set(1.0)  # as _inv_rms, per column
+      out, _ = _forward_call(cfg, _rows(gate), _rows(up), coef, inv_rms)
+    else:
+      out, inv_rms = _forward_call(cfg, _rows(gate), _rows(up), coef)
     return out.reshape(gate.shape), inv_rms.reshape(*gate.shape[:-1], NUM_POWERS)
 
   return jax.shard_map(local, mesh=layout.mesh, in_specs=(layout.data_spec, layout.data_spec, P()),
@@ -525,10 +697,12 @@ def _mul_polynorm_sharded_bwd(cfg, layout, residuals, dout):
   gate, up, coef, inv_rms = residuals
 
   def local(gate, up, dout, coef, inv_rms):
-    rows = (_rows(gate), _rows(up), _rows(dout))
-    grad_sums = lax.psum(_grad_sums_call(cfg, *rows), layout.axis)
-    inv_rms = _rows(inv_rms)
-    dgate, dup, _ = _backward_call(cfg, *rows, coef, inv_rms, grad_sums)
+    rows, inv_rms = (_rows(gate), _rows(up), _rows(dout)), _rows(inv_rms)
+    if layout.split:
+      grad_sums = lax.psum(_grad_sums_call(cfg, *rows), layout.axis)
+      dgate, dup, _ = _backward_call(cfg, *rows, coef, inv_rms, grad_sums)
+    else:
+      dgate, dup, grad_sums = _backward_call(cfg, *rows, coef, inv_rms)
     row_coef_grads = (inv_rms * grad_sums).reshape(*gate.shape[:-1], NUM_POWERS)
     return dgate.reshape(gate.shape), dup.reshape(up.shape), row_coef_grads
 
@@ -545,12 +719,29 @@ _mul_polynorm_sharded.defvjp(_mul_polynorm_sharded_fwd, _mul_polynorm_sharded_bw
 # ------------------------------------------------------------------------------------------------ public
 
 
-def _resolve_impl(impl: str) -> str:
+def _resolve_impl(caller: str, impl: str, gate, interpret: bool, split: bool = False, **triton_options) -> str:
+  """impl -> "reference", "pallas_tpu", "pallas_triton" or "pallas_mosaic_gpu" for rows of gate [..., features].
+
+  "auto" goes by jax.default_backend(); "pallas_gpu" takes Mosaic GPU where it fits (whole rows, see
+  _mosaic_gpu_unfit) and Triton elsewhere. split: the features are split over devices (the kernels see
+  partial rows).
+  """
   if impl not in IMPLS:
-    raise ValueError(f"mul_polynorm: impl={impl!r}; choose one of {IMPLS}")
-  if impl != "auto":
+    raise ValueError(f"{caller}: impl={impl!r}; choose one of {IMPLS}")
+  if impl == "auto":
+    impl = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(jax.default_backend(), "reference")
+  if impl not in ("pallas_gpu", "pallas_mosaic_gpu"):
     return impl
-  return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(jax.default_backend(), "reference")
+  unfit = ("the features are split over devices (it holds whole rows)" if split
+           else _mosaic_gpu_unfit(gate.shape[-1], gate.dtype, interpret))
+  if impl == "pallas_gpu":
+    return "pallas_triton" if unfit else "pallas_mosaic_gpu"
+  if unfit:
+    raise ValueError(f"{caller}: impl='pallas_mosaic_gpu' cannot run here: {unfit}; use impl='pallas_gpu', "
+                     "which falls back to the Triton kernels")
+  if given := sorted(name for name, value in triton_options.items() if value is not None):
+    raise ValueError(f"{caller}: {', '.join(given)} tune the Triton kernels; impl='pallas_mosaic_gpu' takes none")
+  return impl
 
 
 def _coef(weight, bias):
@@ -576,18 +767,22 @@ def mul_polynorm(gate, up, weight, bias, *, eps: float = 1e-6, impl: str = "auto
     gate, up: [..., features], same dtype (bfloat16 or float32); leading dims are flattened to rows.
     weight: [3] = (w0, w1, w2) for N(z^3), N(z^2), N(z); bias: [1]. Float32.
     eps: added to the mean square.
-    impl: "reference" (jnp), "pallas_tpu" (Mosaic), "pallas_gpu" (Triton), or "auto": by jax.default_backend()
+    impl: "reference" (jnp), "pallas_tpu" (Mosaic TPU), "pallas_mosaic_gpu" (Mosaic GPU, Hopper and newer,
+      features a multiple of 256 and 3 * features * itemsize <= 200 KiB), "pallas_triton" (Triton, any GPU and
+      width), "pallas_gpu" (Mosaic GPU where it fits, else Triton), or "auto": by jax.default_backend()
       (tpu -> pallas_tpu, gpu -> pallas_gpu, else reference).
-    interpret: run the Pallas kernel in interpret mode (GPU: plain interpret; TPU: pltpu.InterpretParams()).
-    block_rows: TPU only; rows per kernel block (a multiple of 8, 16 for bf16). The GPU kernel takes a row per
+    interpret: run the Pallas kernel in interpret mode (Triton: plain interpret; TPU: pltpu.InterpretParams();
+      Mosaic GPU: plmgpu.InterpretGPUParams()).
+    block_rows: TPU only; rows per kernel block (a multiple of 8, 16 for bf16). The GPU kernels take a row per
       program.
-    block_cols, num_warps, num_stages: GPU only; the column chunk (a power of two, default 4096), the warps per
-      program (8; 16 for the forward of rows over 8192 wide) and Triton's software-pipelining stages (2).
+    block_cols, num_warps, num_stages: Triton only; the column chunk (a power of two, default 4096), the warps
+      per program (8; 16 for the forward of rows over 8192 wide) and the software-pipelining stages (2).
   Returns:
     [..., features] in gate's dtype. Differentiable in gate, up, weight and bias.
   """
   _check_inputs(gate, up, weight, bias)
-  impl = _resolve_impl(impl)
+  impl = _resolve_impl("mul_polynorm", impl, gate, interpret, block_cols=block_cols, num_warps=num_warps,
+                       num_stages=num_stages)
   if impl == "reference":
     return mul_polynorm_reference(gate, up, weight, bias, eps=eps)
   cfg = _Config(impl=impl, eps=eps, features=gate.shape[-1], interpret=interpret, block_rows=block_rows,
@@ -604,7 +799,9 @@ def mul_polynorm_sharded(gate, up, weight, bias, *, mesh: jax.sharding.Mesh, axi
 
   Each device runs the statistics kernel on its features, the per-row sums of z^2, z^4, z^6 are psummed over
   `axis`, then the apply kernel normalises; the backward does the same with the grad sums. Equal to the
-  unsharded result. impl="reference" runs the plain reference and lets the partitioner reduce the mean.
+  unsharded result. When `axis` has one device, the rows are whole and each device runs the fused kernels of
+  `mul_polynorm` instead. impl="reference" runs the plain reference and lets the partitioner reduce the mean;
+  with features split, "pallas_gpu" runs the Triton kernels.
 
   Args:
     gate, up: [batch, ..., features]; batch divisible by the size of batch_axes, features by that of axis.
@@ -614,7 +811,9 @@ def mul_polynorm_sharded(gate, up, weight, bias, *, mesh: jax.sharding.Mesh, axi
     [batch, ..., features] in gate's dtype, sharded like gate.
   """
   _check_inputs(gate, up, weight, bias)
-  impl = _resolve_impl(impl)
+  split = mesh.shape[axis] > 1
+  impl = _resolve_impl("mul_polynorm_sharded", impl, gate, interpret, split, block_cols=block_cols,
+                       num_warps=num_warps, num_stages=num_stages)
   if impl == "reference":
     return mul_polynorm_reference(gate, up, weight, bias, eps=eps)
   batch_axes = tuple(batch_axes)
@@ -626,5 +825,5 @@ def mul_polynorm_sharded(gate, up, weight, bias, *, mesh: jax.sharding.Mesh, axi
         "change the mesh")
   cfg = _Config(impl=impl, eps=eps, features=gate.shape[-1], interpret=interpret, block_rows=block_rows,
                 block_cols=block_cols, num_warps=num_warps, num_stages=num_stages)
-  layout = _Layout(mesh=mesh, axis=axis, batch_axes=batch_axes, ndim=gate.ndim)
+  layout = _Layout(mesh=mesh, axis=axis, batch_axes=batch_axes, ndim=gate.ndim, split=split)
   return _mul_polynorm_sharded(cfg, layout, gate, up, _coef(weight, bias))

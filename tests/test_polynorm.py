@@ -1,8 +1,9 @@
 """Fused PolyNorm(gate) * up: the Pallas kernels and the tensor-sharded path against the plain jnp reference.
 
-On CPU the kernels run in interpret mode (the GPU kernel in plain interpret mode, the TPU kernel under
-pltpu.InterpretParams); on a GPU the compiled Triton kernel runs instead and the interpret tests are skipped.
-Reference gradients come from jax.vjp of the reference, which has no custom VJP.
+On CPU the kernels run in interpret mode (the Triton kernels in plain interpret mode, the TPU kernel under
+pltpu.InterpretParams, the Mosaic GPU kernels under plmgpu.InterpretGPUParams); on a GPU the compiled Mosaic GPU
+and Triton kernels run instead and the interpret tests are skipped. Reference gradients come from jax.vjp of the
+reference, which has no custom VJP.
 """
 
 import jax
@@ -11,13 +12,14 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from pallas_kernels import polynorm
 from pallas_kernels.polynorm import mul_polynorm, mul_polynorm_reference, mul_polynorm_sharded
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 NAMES = ("out", "dgate", "dup", "dweight", "dbias")
 
 on_cpu = pytest.mark.skipif(jax.default_backend() != "cpu", reason="interpret mode, run on CPU")
-on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Triton kernel, needs a GPU")
+on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled GPU kernels, need a GPU")
 
 
 def random_inputs(shape, dtype, seed=0):
@@ -66,13 +68,54 @@ INTERPRET_CASES = {
 
 @on_cpu
 @pytest.mark.parametrize("case", INTERPRET_CASES)
-@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_triton"])
 def test_kernel_matches_reference_interpret(impl, case):
   shape, dtype, tpu_options, gpu_options = INTERPRET_CASES[case]
   options = tpu_options if impl == "pallas_tpu" else gpu_options
   args, cotangent = random_inputs(shape, dtype, seed=len(case))
   fn = lambda *a: mul_polynorm(*a, impl=impl, interpret=True, **options)  # noqa: E731
   assert_all_close(value_and_grads(fn, args, cotangent), reference_values(args, cotangent), dtype)
+
+
+# Mosaic GPU rows are [lines, 256]: 3 lines make one TMA part of 1-line chunks; 8 lines make 4 parts of 2.
+MOSAIC_INTERPRET_CASES = {
+    "f32_2x5x768": ((2, 5, 768), jnp.float32),
+    "bf16_13x2048": ((13, 2048), jnp.bfloat16),
+}
+
+
+@on_cpu
+@pytest.mark.parametrize("case", MOSAIC_INTERPRET_CASES)
+def test_mosaic_gpu_kernel_matches_reference_interpret(case):
+  shape, dtype = MOSAIC_INTERPRET_CASES[case]
+  args, cotangent = random_inputs(shape, dtype, seed=len(case))
+  fn = lambda *a: mul_polynorm(*a, impl="pallas_mosaic_gpu", interpret=True)  # noqa: E731
+  assert_all_close(value_and_grads(fn, args, cotangent), reference_values(args, cotangent), dtype)
+
+
+@on_cpu
+@pytest.mark.parametrize("features, mosaic", [(512, True), (320, False)])
+def test_pallas_gpu_takes_mosaic_gpu_where_it_fits(features, mosaic):
+  """Rows of a multiple of 256 go to the Mosaic GPU kernels, other widths to Triton."""
+  args, _ = random_inputs((4, features), jnp.float32)
+  jaxpr = str(jax.make_jaxpr(lambda *a: mul_polynorm(*a, impl="pallas_gpu", interpret=True))(*args))
+  assert "polynorm_forward" in jaxpr and ("polynorm_forward_mosaic_gpu" in jaxpr) == mosaic
+
+
+@on_cpu
+def test_mosaic_gpu_rejects_rows_it_cannot_hold(mesh):
+  args, _ = random_inputs((4, 320), jnp.float32)
+  with pytest.raises(ValueError, match="not a multiple of 256.*impl='pallas_gpu'"):
+    mul_polynorm(*args, impl="pallas_mosaic_gpu", interpret=True)
+  args, _ = random_inputs((4, 18432), jnp.float32)
+  with pytest.raises(ValueError, match="exceed .* bytes of shared memory"):
+    mul_polynorm(*args, impl="pallas_mosaic_gpu", interpret=True)
+  args, _ = random_inputs((4, 512), jnp.float32)
+  with pytest.raises(ValueError, match="block_cols tune the Triton kernels"):
+    mul_polynorm(*args, impl="pallas_mosaic_gpu", interpret=True, block_cols=256)
+  args, _ = random_inputs((4, 2, 512), jnp.float32)
+  with pytest.raises(ValueError, match="split over devices"):
+    mul_polynorm_sharded(*args, mesh=mesh, impl="pallas_mosaic_gpu", interpret=True)
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +148,24 @@ def test_sharded_matches_unsharded(mesh, impl, dtype):
 
 
 @on_cpu
+def test_sharded_with_whole_rows_runs_the_fused_kernels():
+  """Rows split 8 ways and features on one device: the fused kernels run per shard, with no psum.
+
+  Triton's interpret mode stands in for the GPU here: Mosaic GPU's interpret mode keeps one simulated shared
+  memory for all devices and fails when several run a kernel at once; test_compiled_gpu_sharded_whole_rows runs
+  the Mosaic GPU kernels under shard_map on a GPU.
+  """
+  mesh = jax.make_mesh((4, 2, 1), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  args, cotangent = sharded_inputs(mesh, (8, 3, 512), jnp.float32, seed=4)
+  sharded = lambda *a: mul_polynorm_sharded(*a, mesh=mesh, impl="pallas_triton", interpret=True)  # noqa: E731
+  jaxpr = str(jax.make_jaxpr(lambda a, c: value_and_grads(sharded, a, c))(args, cotangent))
+  assert "polynorm_backward" in jaxpr and "polynorm_grad_sums" not in jaxpr and "psum" not in jaxpr
+  got = value_and_grads(sharded, args, cotangent)
+  assert got[0].sharding.spec == P(("data", "fsdp"), None, "tensor")
+  assert_all_close(got, reference_values(args, cotangent), jnp.float32)
+
+
+@on_cpu
 def test_sharded_rejects_indivisible_shapes(mesh):
   (gate, up, weight, bias), _ = random_inputs((4, 3, 510), jnp.float32)
   with pytest.raises(ValueError, match="mesh axis 'tensor'"):
@@ -119,32 +180,50 @@ def test_auto_dispatch_and_bad_impl():
     mul_polynorm(*args, impl="pallas")
 
 
-# (shape, dtype, options); default options take one 4096-column chunk for these widths, so the ragged f32 case
-# walks three 1024-column chunks, the last one masked.
+# (shape, dtype, Triton options). "pallas_gpu" runs Mosaic GPU on widths of a multiple of 256 (all but 1000;
+# 2816 is 11 lines, one TMA part of 1-line chunks) and Triton on 1000; "pallas_triton" runs Triton on all, whose
+# default options take one 4096-column chunk here, so the ragged f32 case walks three 1024-column chunks, the
+# last one masked.
 GPU_CASES = {
     "bf16_2x512x4096": ((2, 512, 4096), jnp.bfloat16, {}),
     "f32_2x512x4096": ((2, 512, 4096), jnp.float32, {}),
     "bf16_ragged_777x1000": ((777, 1000), jnp.bfloat16, {}),
     "f32_ragged_3x37x2816": ((3, 37, 2816), jnp.float32, {"block_cols": 1024, "num_warps": 4}),
     "bf16_256x16384": ((256, 16384), jnp.bfloat16, {}),
+    "f32_64x16384": ((64, 16384), jnp.float32, {}),
 }
 
 
 @on_gpu
 @pytest.mark.parametrize("case", GPU_CASES)
-def test_compiled_gpu_kernel_matches_reference(case):
-  shape, dtype, options = GPU_CASES[case]
+@pytest.mark.parametrize("impl", ["auto", "pallas_triton"])
+def test_compiled_gpu_kernel_matches_reference(impl, case):
+  shape, dtype, triton_options = GPU_CASES[case]
   args, cotangent = random_inputs(shape, dtype, seed=len(case))
   want = reference_values(args, cotangent)
-  got = value_and_grads(lambda *a: mul_polynorm(*a, **options), args, cotangent)  # impl="auto"
+  options = triton_options if impl == "pallas_triton" else {}
+  got = value_and_grads(lambda *a: mul_polynorm(*a, impl=impl, **options), args, cotangent)
   assert_all_close(got, want, dtype)
 
 
 @on_gpu
 def test_compiled_gpu_split_kernels_match_reference():
-  """The sharded path's statistics and apply kernels, compiled, on a one-device mesh."""
+  """The sharded path's Triton statistics and apply kernels, compiled, forced on a one-device mesh."""
   mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1],
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  args, cotangent = random_inputs((4, 100, 3000), jnp.bfloat16, seed=5)
+  (gate, up, weight, bias), cotangent = random_inputs((4, 100, 3000), jnp.bfloat16, seed=5)
+  cfg = polynorm._Config(impl="pallas_triton", eps=1e-6, features=3000)
+  layout = polynorm._Layout(mesh=mesh, axis="tensor", batch_axes=("data", "fsdp"), ndim=3, split=True)
+  fn = lambda g, u, w, b: polynorm._mul_polynorm_sharded(cfg, layout, g, u, polynorm._coef(w, b))  # noqa: E731
+  got = value_and_grads(fn, (gate, up, weight, bias), cotangent)
+  assert_all_close(got, reference_values((gate, up, weight, bias), cotangent), jnp.bfloat16)
+
+
+@on_gpu
+def test_compiled_gpu_sharded_whole_rows():
+  """mul_polynorm_sharded on a one-device mesh: whole rows, so the Mosaic GPU kernels run under shard_map."""
+  mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  args, cotangent = random_inputs((4, 100, 4096), jnp.bfloat16, seed=6)
   got = value_and_grads(lambda *a: mul_polynorm_sharded(*a, mesh=mesh), args, cotangent)
   assert_all_close(got, reference_values(args, cotangent), jnp.bfloat16)
