@@ -12,9 +12,11 @@ cotangent) of the kernel and of the reference, in one run, measured two ways:
   the backward from them; the time is the sum of the two. Achieved GB/s counts the bytes a fused pass must move:
 forward reads gate and up and writes out (3 arrays); backward reads gate, up and the cotangent and writes dgate
 and dup (5 arrays); forward+backward is their sum (8 arrays). The ceilings are `copy_gbps` (an XLA `x * 2`,
-read + write) and, on a GPU, `pallas_copy_gbps` (the same as a tiled Pallas kernel, best tiling; XLA's
-bfloat16 elementwise kernels run well under the memory's rate) at the same shape and dtype, measured in the
-same run. --sweep also times GPU tuning options
+read + write) and, on a GPU, `pallas_copy_gbps` (the same as Pallas kernels, the best of Triton tilings and
+Mosaic GPU TMA copies; XLA's bfloat16 elementwise kernels run well under the memory's rate) at the same shape
+and dtype, measured in the same run. On a GPU the kernel rows are: "kernel" (impl as given: by default Mosaic
+GPU where the row fits), "kernel triton" (the Triton kernels) and "split kernels" (the sharded path's
+statistics and apply kernels, split=True on a one-device mesh). --sweep also times Triton tuning options
 (block_cols, num_warps, num_stages). Prints a table; writes JSON to $OUT/kernels_polynorm.json when OUT is set.
 """
 
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 from bench.timing import copy_gbps, median_seconds, pallas_copy_gbps, random_like
 from pallas_kernels.polynorm import mul_polynorm, mul_polynorm_reference, mul_polynorm_sharded
 
-# GPU tuning options (block_cols, num_warps, num_stages); block_cols 0 means the whole row in one chunk.
+# Triton tuning options (block_cols, num_warps, num_stages); block_cols 0 means the whole row in one chunk.
 GPU_SWEEP = [(1024, 4, 1), (1024, 4, 3), (1024, 8, 2), (2048, 4, 2), (2048, 8, 2), (4096, 8, 2), (4096, 16, 2),
              (0, 16, 1), (0, 32, 1)]
 
@@ -99,25 +101,29 @@ def _relative_error(got, want):
 
 
 def bench_shape(shape, dtype, impl, sweep, iters, interpret=False):
-  """Rows of results for one shape: reference, kernel with default options, the split kernels of the sharded
-  path (on a one-device mesh: statistics kernel, then apply kernel, in each pass), then the sweep."""
+  """Rows of results for one shape: reference, kernel with default options, on a GPU the Triton kernels and the
+  split kernels of the sharded path (on a one-device mesh: statistics kernel, then apply kernel, in each pass),
+  then the sweep."""
   args = _inputs(shape, dtype)
   cotangent = random_like(jax.random.key(1), args[0])
   copies = {"copy_gbps": copy_gbps(shape, dtype)}
   if jax.default_backend() == "gpu":
-    copies["pallas_copy_gbps"], tiling = pallas_copy_gbps(shape, dtype)
-    copies["pallas_copy_tiling"] = list(tiling)
+    copies["pallas_copy_gbps"], copies["pallas_copy_kernel"] = pallas_copy_gbps(shape, dtype)
   forward_s, total_s, split_s, want = _time_pair(mul_polynorm_reference, args, cotangent, iters)
   reference = _row("reference", shape, dtype, forward_s, total_s, split_s, copies)
   rows = [reference]
   one_device = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1],
                              axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  options = [("kernel", mul_polynorm, {}), ("split kernels", mul_polynorm_sharded, {"mesh": one_device})]
-  if sweep:
-    options += [(f"kernel c{c or 'row'} w{w} s{s}", mul_polynorm,
-                 dict(block_cols=c or shape[1], num_warps=w, num_stages=s)) for c, w, s in GPU_SWEEP]
+  options = [("kernel", mul_polynorm, {"impl": impl})]
+  if impl in ("auto", "pallas_gpu") and (interpret or jax.default_backend() == "gpu"):
+    triton = {"impl": "pallas_triton"}
+    options += [("kernel triton", mul_polynorm, triton),
+                ("split kernels", mul_polynorm_sharded, {**triton, "mesh": one_device, "split": True})]
+    if sweep:
+      options += [(f"kernel triton c{c or 'row'} w{w} s{s}", mul_polynorm,
+                   dict(triton, block_cols=c or shape[1], num_warps=w, num_stages=s)) for c, w, s in GPU_SWEEP]
   for name, function, kwargs in options:
-    fn = functools.partial(function, impl=impl, interpret=interpret, **kwargs)
+    fn = functools.partial(function, interpret=interpret, **kwargs)
     try:
       forward_s, total_s, split_s, got = _time_pair(fn, args, cotangent, iters)
     except Exception as e:  # a tuning option the compiler rejects (registers, shared memory): report, go on

@@ -31,8 +31,8 @@ GPU, two kernel families:
     barrier each, so the first pass starts on the first part while the rest arrives; the first pass reads
     shared memory for the row sums, the second reads it again and writes the outputs in place over the
     inputs, and TMA sends each part back as soon as it is written. Each input crosses HBM once, each output
-    once: on an H200, [8192, 16384] bfloat16 forward 0.194 ms, backward 0.325 ms, 1.05-1.08x the rate of a
-    tiled Pallas Triton copy (bench/kernels_polynorm.py).
+    once: on an H200, [8192, 16384] bfloat16 forward 0.197 ms, forward+backward 0.529 ms, 4.1 TB/s
+    (bench/kernels_polynorm.py; the Triton kernels take 0.210 and 0.604 ms).
   * Triton: a program takes one row and walks it twice in chunks of block_cols; the second walk re-reads the
     row from L2 (with a single chunk, each input is read once). The first walk's loads ask L2 to keep their
     lines (evict_last), the second walk's loads and every store ask it to drop theirs first (evict_first).
@@ -793,8 +793,8 @@ def mul_polynorm(gate, up, weight, bias, *, eps: float = 1e-6, impl: str = "auto
 
 def mul_polynorm_sharded(gate, up, weight, bias, *, mesh: jax.sharding.Mesh, axis: str = "tensor",
                          batch_axes: tuple[str, ...] = ("data", "fsdp"), eps: float = 1e-6, impl: str = "auto",
-                         interpret: bool = False, block_rows: int | None = None, block_cols: int | None = None,
-                         num_warps: int | None = None, num_stages: int | None = None):
+                         interpret: bool = False, split: bool | None = None, block_rows: int | None = None,
+                         block_cols: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
   """`mul_polynorm` with the feature axis sharded over mesh axis `axis` and the first axis over `batch_axes`.
 
   Each device runs the statistics kernel on its features, the per-row sums of z^2, z^4, z^6 are psummed over
@@ -806,12 +806,15 @@ def mul_polynorm_sharded(gate, up, weight, bias, *, mesh: jax.sharding.Mesh, axi
   Args:
     gate, up: [batch, ..., features]; batch divisible by the size of batch_axes, features by that of axis.
     weight [3], bias [1]: replicated.
-    mesh: the device mesh; axis, batch_axes: its axis names. Other arguments as in `mul_polynorm`.
+    mesh: the device mesh; axis, batch_axes: its axis names.
+    split: run the statistics and apply kernels with the psum between them; None (the default): when `axis` has
+      more than one device. True on one device tests and times that path there. Other arguments as in
+      `mul_polynorm`.
   Returns:
     [batch, ..., features] in gate's dtype, sharded like gate.
   """
   _check_inputs(gate, up, weight, bias)
-  split = mesh.shape[axis] > 1
+  split = mesh.shape[axis] > 1 if split is None else split
   impl = _resolve_impl("mul_polynorm_sharded", impl, gate, interpret, split, block_cols=block_cols,
                        num_warps=num_warps, num_stages=num_stages)
   if impl == "reference":

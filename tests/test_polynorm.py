@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pallas_kernels import polynorm
 from pallas_kernels.polynorm import mul_polynorm, mul_polynorm_reference, mul_polynorm_sharded
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -208,15 +207,12 @@ def test_compiled_gpu_kernel_matches_reference(impl, case):
 
 @on_gpu
 def test_compiled_gpu_split_kernels_match_reference():
-  """The sharded path's Triton statistics and apply kernels, compiled, forced on a one-device mesh."""
+  """The sharded path's Triton statistics and apply kernels, compiled, on a one-device mesh (split=True)."""
   mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1],
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  (gate, up, weight, bias), cotangent = random_inputs((4, 100, 3000), jnp.bfloat16, seed=5)
-  cfg = polynorm._Config(impl="pallas_triton", eps=1e-6, features=3000)
-  layout = polynorm._Layout(mesh=mesh, axis="tensor", batch_axes=("data", "fsdp"), ndim=3, split=True)
-  fn = lambda g, u, w, b: polynorm._mul_polynorm_sharded(cfg, layout, g, u, polynorm._coef(w, b))  # noqa: E731
-  got = value_and_grads(fn, (gate, up, weight, bias), cotangent)
-  assert_all_close(got, reference_values((gate, up, weight, bias), cotangent), jnp.bfloat16)
+  args, cotangent = random_inputs((4, 100, 3000), jnp.bfloat16, seed=5)
+  got = value_and_grads(lambda *a: mul_polynorm_sharded(*a, mesh=mesh, split=True), args, cotangent)
+  assert_all_close(got, reference_values(args, cotangent), jnp.bfloat16)
 
 
 @on_gpu
