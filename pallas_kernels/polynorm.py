@@ -38,7 +38,8 @@ GPU, two kernel families:
     lines (evict_last), the second walk's loads and every store ask it to drop theirs first (evict_first).
     It takes any width, and runs the sharded path's statistics and apply kernels; on an H200 its backward
     reaches 87-91% of a Pallas copy (0.38-0.40 ms at [8192, 16384]).
-"pallas_gpu" runs Mosaic GPU where it fits and Triton elsewhere; "pallas_mosaic_gpu" and "pallas_triton" pick one.
+"pallas_gpu" runs Mosaic GPU where it fits and Triton elsewhere (and in interpret mode); "pallas_mosaic_gpu" and
+"pallas_triton" pick one.
 """
 
 from __future__ import annotations
@@ -723,8 +724,9 @@ def _resolve_impl(caller: str, impl: str, gate, interpret: bool, split: bool = F
   """impl -> "reference", "pallas_tpu", "pallas_triton" or "pallas_mosaic_gpu" for rows of gate [..., features].
 
   "auto" goes by jax.default_backend(); "pallas_gpu" takes Mosaic GPU where it fits (whole rows, see
-  _mosaic_gpu_unfit) and Triton elsewhere. split: the features are split over devices (the kernels see
-  partial rows).
+  _mosaic_gpu_unfit) and Triton elsewhere, and in interpret mode: Mosaic GPU's interpret mode runs through
+  ordered IO callbacks, which remat cannot differentiate and which fail when several devices run a kernel at
+  once. split: the features are split over devices (the kernels see partial rows).
   """
   if impl not in IMPLS:
     raise ValueError(f"{caller}: impl={impl!r}; choose one of {IMPLS}")
@@ -735,7 +737,7 @@ def _resolve_impl(caller: str, impl: str, gate, interpret: bool, split: bool = F
   unfit = ("the features are split over devices (it holds whole rows)" if split
            else _mosaic_gpu_unfit(gate.shape[-1], gate.dtype, interpret))
   if impl == "pallas_gpu":
-    return "pallas_triton" if unfit else "pallas_mosaic_gpu"
+    return "pallas_triton" if unfit or interpret else "pallas_mosaic_gpu"
   if unfit:
     raise ValueError(f"{caller}: impl='pallas_mosaic_gpu' cannot run here: {unfit}; use impl='pallas_gpu', "
                      "which falls back to the Triton kernels")
@@ -769,8 +771,8 @@ def mul_polynorm(gate, up, weight, bias, *, eps: float = 1e-6, impl: str = "auto
     eps: added to the mean square.
     impl: "reference" (jnp), "pallas_tpu" (Mosaic TPU), "pallas_mosaic_gpu" (Mosaic GPU, Hopper and newer,
       features a multiple of 256 and 3 * features * itemsize <= 200 KiB), "pallas_triton" (Triton, any GPU and
-      width), "pallas_gpu" (Mosaic GPU where it fits, else Triton), or "auto": by jax.default_backend()
-      (tpu -> pallas_tpu, gpu -> pallas_gpu, else reference).
+      width), "pallas_gpu" (Mosaic GPU where it fits, else Triton; Triton in interpret mode), or "auto": by
+      jax.default_backend() (tpu -> pallas_tpu, gpu -> pallas_gpu, else reference).
     interpret: run the Pallas kernel in interpret mode (Triton: plain interpret; TPU: pltpu.InterpretParams();
       Mosaic GPU: plmgpu.InterpretGPUParams()).
     block_rows: TPU only; rows per kernel block (a multiple of 8, 16 for bf16). The GPU kernels take a row per
