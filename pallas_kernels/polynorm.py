@@ -19,8 +19,8 @@ so that, per row, with a_k = coef_k * r_k:
 
 Both passes need a full-row reduction (s or c) before the elementwise part, so each is split into a statistics
 kernel and an apply kernel that takes the statistics as input; the unsharded path runs a fused kernel doing both
-per row block. When the feature axis is sharded (`mul_polynorm_sharded`), the partial sums are `psum`med over the
-tensor axis between the two kernels. The backward recomputes the powers of z; its residuals are gate, up, coef
+per row block. When the feature axis is split over devices (`mul_polynorm_sharded` with more than one device on
+its axis), the partial sums are `psum`med over that axis between the two kernels. The backward recomputes the powers of z; its residuals are gate, up, coef
 and inv_rms [rows, 4] (the three inverse RMS values per row, plus the constant r_0 = 1).
 
 TPU (Mosaic): a program takes a [block_rows, F] block into VMEM and does both passes on it.
