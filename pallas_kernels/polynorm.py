@@ -20,8 +20,9 @@ so that, per row, with a_k = coef_k * r_k:
 Both passes need a full-row reduction (s or c) before the elementwise part, so each is split into a statistics
 kernel and an apply kernel that takes the statistics as input; the unsharded path runs a fused kernel doing both
 per row block. When the feature axis is split over devices (`mul_polynorm_sharded` with more than one device on
-its axis), the partial sums are `psum`med over that axis between the two kernels. The backward recomputes the powers of z; its residuals are gate, up, coef
-and inv_rms [rows, 4] (the three inverse RMS values per row, plus the constant r_0 = 1).
+its axis), the partial sums are `psum`med over that axis between the two kernels. The backward recomputes the
+powers of z; its residuals are gate, up, coef and inv_rms [rows, 4] (the three inverse RMS values per row, plus
+the constant r_0 = 1).
 
 TPU (Mosaic): a program takes a [block_rows, F] block into VMEM and does both passes on it.
 
@@ -195,6 +196,17 @@ class _TpuBlock(_View):
     ref[...] = sum(jnp.where(power_ids == k, col, 0.0) for k, col in enumerate(columns))
 
 
+def _load_row_stats(ref, row):
+  """Row `row` of row statistics [rows, 4] (a GPU kernel's whole array) -> four scalars."""
+  return tuple(ref[row, k] for k in range(NUM_POWERS))
+
+
+def _store_row_stats(ref, row, columns):
+  """Four scalars -> row `row` of row statistics [rows, 4]."""
+  for k, col in enumerate(columns):
+    ref[row, k] = col
+
+
 class _GpuRow(_View):
   """Triton: refs are whole arrays; program i takes row i and walks its features in chunks of block_cols (a
   power of two), masking the ragged last chunk. Row statistics are scalars."""
@@ -224,11 +236,10 @@ class _GpuRow(_View):
     plgpu.store(ref.at[self.row, cols], value.astype(ref.dtype), mask=mask, eviction_policy="evict_first")
 
   def load_stats(self, ref):
-    return tuple(ref[self.row, k] for k in range(NUM_POWERS))
+    return _load_row_stats(ref, self.row)
 
   def store_stats(self, ref, columns):
-    for k, col in enumerate(columns):
-      ref[self.row, k] = col
+    _store_row_stats(ref, self.row, columns)
 
 
 def _row_sums(view, fn):
@@ -557,11 +568,6 @@ def _mosaic_apply(row, plan: _MosaicPlan, smem, apply_fn, outputs):
   plmgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the buffers must outlive the copies that read them
 
 
-def _store_row_stats(ref, row, columns):
-  for k, col in enumerate(columns):
-    ref[row, k] = col
-
-
 def _mosaic_forward_kernel(coef_hbm, gate_hbm, up_hbm, out_hbm, inv_rms_hbm, gate_smem, up_smem, barriers, *,
                            plan, eps):
   """out = PolyNorm(gate) * up for one row, written over up in shared memory; inv_rms [rows, 4]."""
@@ -581,7 +587,7 @@ def _mosaic_backward_kernel(coef_hbm, gate_hbm, up_hbm, dout_hbm, inv_rms_hbm, d
   grad_sums = _mosaic_row_sums(plan, smem, barriers, lambda z, up, dout: _grad_terms(z, dout * up),
                                NUM_POWERS)
   _store_row_stats(grad_sums_hbm, row, grad_sums)
-  inv_rms = tuple(inv_rms_hbm[row, k] for k in range(NUM_POWERS))
+  inv_rms = _load_row_stats(inv_rms_hbm, row)
   scale, scale_e = _grad_coefficients(_coef_columns(coef_hbm), inv_rms, grad_sums, plan.features)
 
   def apply(z, up, dout):
