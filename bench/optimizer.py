@@ -35,10 +35,11 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from bench.timing import matmul_tflops, median_seconds  # noqa: E402
+from bench.train_step import peak_bytes  # noqa: E402
 from motif_jax.configs import count_params, get_model_config  # noqa: E402
 from motif_jax.model import abstract_params, param_logical_axes  # noqa: E402
 from motif_jax.optim import muonclip, newton_schulz, ns_flops  # noqa: E402
-from motif_jax.optim.muon import MUON, routing_labels  # noqa: E402
+from motif_jax.optim.muon import DEFAULT_CHUNK_BYTES, MUON, routing_labels  # noqa: E402
 
 
 def muon_matrix_groups(cfg) -> dict[tuple[int, int], int]:
@@ -74,11 +75,12 @@ def _random_params(cfg, seed=0):
   return jax.tree.unflatten(treedef, [make(k, leaf.shape) for k, leaf in zip(keys, leaves)])
 
 
-def bench_optimizer_step(cfg, coeffs, steps, iters):
-  """Seconds of one jitted MuonClip update + apply on all params (no QK-Clip scaling triggered)."""
+def bench_optimizer_step(cfg, coeffs, steps, iters, chunk_bytes=DEFAULT_CHUNK_BYTES):
+  """(seconds, compiled memory analysis) of one jitted MuonClip update + apply on all params (no
+  QK-Clip scaling triggered), Newton-Schulz chunked at `chunk_bytes` (None: each group at once)."""
   tx = muonclip(1e-3, logical_axes=param_logical_axes(cfg), num_kv_groups=cfg.num_kv_groups,
                 signal_heads_per_group=cfg.signal_heads_per_group, head_dim=cfg.head_dim,
-                ns_steps=steps, ns_coeffs=coeffs)
+                ns_steps=steps, ns_coeffs=coeffs, ns_chunk_bytes=chunk_bytes)
   params, grads = _random_params(cfg, 0), _random_params(cfg, 1)
   state = jax.jit(tx.init)(params)
   max_logits = jnp.full((cfg.num_layers, cfg.num_kv_groups, cfg.signal_heads_per_group + 1), 10.0)
@@ -88,7 +90,8 @@ def bench_optimizer_step(cfg, coeffs, steps, iters):
     updates, state = tx.update(grads, state, params, max_logits=max_logits)
     return optax.apply_updates(params, updates), state
 
-  return median_seconds(step, grads, state, params, warmup=2, iters=iters)
+  memory = step.lower(grads, state, params).compile().memory_analysis()
+  return median_seconds(step, grads, state, params, warmup=2, iters=iters), memory
 
 
 def train_step_flops(cfg, tokens: int, seq_len: int) -> float:
@@ -112,6 +115,9 @@ def main(argv):
   parser.add_argument("--ns_coeffs", default="classic")
   parser.add_argument("--ns_steps", type=int, default=5)
   parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--ns_chunk_bytes", default=f"none,{DEFAULT_CHUNK_BYTES}",
+                      help="comma list of Newton-Schulz chunk sizes to time ('none': whole groups); "
+                           "the last one is the step used for the shares below")
   parser.add_argument("--matmul_size", type=int, default=8192)
   parser.add_argument("--tokens_per_step", type=int, default=1 << 20)
   parser.add_argument("--seq_len", type=int, default=4096)
@@ -134,7 +140,18 @@ def main(argv):
                ns_rows, [("shape", "{}"), ("gflop", "{:.1f}"), ("ms", "{:.2f}"), ("tflops", "{:.1f}"),
                          ("pct_matmul", "{:.1f}")])
 
-  step_s = bench_optimizer_step(cfg, args.ns_coeffs, args.ns_steps, args.iters)
+  chunk_rows = []
+  for chunk in args.ns_chunk_bytes.split(","):
+    chunk_bytes = None if chunk == "none" else int(chunk)
+    seconds, memory = bench_optimizer_step(cfg, args.ns_coeffs, args.ns_steps, args.iters, chunk_bytes)
+    chunk_rows.append({"ns_chunk_bytes": chunk, "ms": seconds * 1e3,
+                       "temp_gib": memory.temp_size_in_bytes / 2**30,
+                       "peak_gib": peak_bytes(memory) / 2**30})
+  _print_table("MuonClip step (update + apply, all params, float32 state, one device) by "
+               "Newton-Schulz chunk size; temp = XLA's scratch beyond arguments and outputs",
+               chunk_rows, [("ns_chunk_bytes", "{}"), ("ms", "{:.1f}"), ("temp_gib", "{:.2f}"),
+                            ("peak_gib", "{:.2f}")])
+  step_s = chunk_rows[-1]["ms"] / 1e3
   ns_s = sum(row["ms"] for row in ns_rows) / 1e3
   flops = train_step_flops(cfg, args.tokens_per_step, args.seq_len)
   if args.train_step_seconds is not None:
@@ -162,7 +179,8 @@ def main(argv):
     with open(path, "w") as f:
       json.dump({"backend": jax.default_backend(), "device": device, "jax": jax.__version__,
                  "model": cfg.name, "ns_coeffs": args.ns_coeffs, "ns_steps": args.ns_steps,
-                 "matmul_tflops": ceiling, "newton_schulz": ns_rows, "summary": summary}, f, indent=1)
+                 "matmul_tflops": ceiling, "newton_schulz": ns_rows, "optimizer_step": chunk_rows,
+                 "summary": summary}, f, indent=1)
     print(f"wrote {path}")
 
 

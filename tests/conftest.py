@@ -12,6 +12,17 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `gpu` (the GPU tier, `pytest -m gpu`) skip unless jax's backend is a GPU."""
+  del config
+  if jax.default_backend() == "gpu":
+    return
+  skip = pytest.mark.skip(reason="GPU tier: run with JAX_PLATFORMS=cuda python -m pytest -m gpu tests")
+  for item in items:
+    if item.get_closest_marker("gpu") is not None:
+      item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def devices():
   """The 8 simulated CPU devices. Under JAX_PLATFORMS=cuda (the suite run on a GPU) the tests that take them

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.gda_attention import GdaOutput, gda_attention, gda_attention_reference
 
-on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU backend")
+on_gpu = pytest.mark.gpu  # compiled kernels: the GPU tier (tests/conftest.py skips it elsewhere)
 on_cpu = pytest.mark.skipif(jax.default_backend() != "cpu",
                             reason="CPU-side test (interpret mode, simulated devices)")
 

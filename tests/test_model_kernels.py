@@ -110,7 +110,7 @@ def test_sharded_pallas_model_equals_reference(devices, reference):
   _assert_same(_loss_and_grads(cfg, sharding.make_mesh((2, 2, 2))), reference, rtol=1e-5)
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled GPU kernels need a GPU")
+@pytest.mark.gpu
 def test_compiled_gpu_kernels_in_the_2_6b_layer_shapes():
   """Two motif-2.6b-width layers in bfloat16: compiled kernels against the XLA reference path."""
   cfg = configs.get_model_config("motif-2.6b", num_layers=2, vocab_size=4096,

@@ -12,7 +12,8 @@ from jax.sharding import PartitionSpec as P
 from motif_jax.configs import get_model_config
 from motif_jax.model import abstract_params, param_logical_axes
 from motif_jax.optim import describe_routing, muonclip, newton_schulz, ns_flops
-from motif_jax.optim.muon import ADAM, MUON, matrix_muon, routing_labels
+from motif_jax.optim.muon import (ADAM, MUON, chunk_layout, matrix_muon, orthogonalize,
+                                  routing_labels)
 from motif_jax.optim.newton_schulz import resolve_coeffs
 from motif_jax.sharding import make_mesh, tree_shardings
 
@@ -180,3 +181,33 @@ def test_parallel_newton_schulz_runs_once_per_matrix(mesh_shape):
   # Every matmul is local to whole matrices: batch 2, full 256x256 or 256x512 dims.
   dot_shapes = re.findall(r"\[([\d,]+)\]\{[\d,]*\} dot\(", compiled.as_text())
   assert len(dot_shapes) == 3 * 5 and set(dot_shapes) == {"2,256,256", "2,256,512"}, dot_shapes
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (2, 2, 2), (8, 1, 1)])
+def test_chunked_newton_schulz_equals_whole_groups(mesh_shape):
+  """20 matrices of 48x80 in three leaves (one tall, so transposed into the group), chunked so that
+  3 fit a chunk: the same orthogonalized leaves as one whole-group batch, on one device and over a
+  mesh, and Newton-Schulz's matmuls run on [3, 48, 48|80] chunks inside a loop."""
+  axes = {"a": P("layers", "embed", "mlp"), "b": P("layers", "mlp", "embed"), "c": P("embed", "mlp")}
+  shapes = {"a": (12, 48, 80), "b": (7, 80, 48), "c": (48, 80)}
+  rng = np.random.default_rng(7)
+  leaves = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+  mesh = None if mesh_shape is None else make_mesh(mesh_shape)
+  specs = None
+  if mesh is not None:
+    shardings = tree_shardings(axes, mesh)
+    leaves = jax.device_put(leaves, shardings)
+    specs = {k: s.spec for k, s in shardings.items()}
+  chunk = 3 * 4 * 48 * 80
+  run = lambda chunk_bytes: jax.jit(lambda l: orthogonalize(
+      l, specs, steps=5, coeffs="classic", dtype=jnp.float32, mesh=mesh, chunk_bytes=chunk_bytes))
+  whole, chunked = run(None)(leaves), run(chunk)(leaves)
+  for k in shapes:
+    np.testing.assert_allclose(chunked[k], whole[k], rtol=1e-5, atol=1e-6)
+  assert chunk_layout(20, 48, 80, shards=1, chunk_bytes=chunk) == (7, 3)
+  assert chunk_layout(20, 48, 80, shards=8, chunk_bytes=chunk) == (1, 3)
+  assert chunk_layout(20, 48, 80, shards=1, chunk_bytes=None) == (1, 20)
+  if mesh is None:  # one device: 7 chunks of 3 (1 padding matrix), each step's matmuls on a chunk
+    hlo = run(chunk).lower(leaves).compile().as_text()
+    dot_shapes = set(re.findall(r"\[([\d,]+)\]\{[\d,]*\} dot\(", hlo))
+    assert dot_shapes == {"3,48,48", "3,48,80"}, dot_shapes

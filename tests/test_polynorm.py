@@ -18,7 +18,7 @@ TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 NAMES = ("out", "dgate", "dup", "dweight", "dbias")
 
 on_cpu = pytest.mark.skipif(jax.default_backend() != "cpu", reason="interpret mode, run on CPU")
-on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled GPU kernels, need a GPU")
+on_gpu = pytest.mark.gpu  # compiled kernels: the GPU tier (tests/conftest.py skips it elsewhere)
 
 
 def random_inputs(shape, dtype, seed=0):

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from motif_jax.optim.muon import ADAM, MUON, describe_routing, matrix_muon, routing_labels
+from motif_jax.optim.muon import (ADAM, DEFAULT_CHUNK_BYTES, MUON, describe_routing, matrix_muon,
+                                  routing_labels)
 from motif_jax.optim.newton_schulz import Coeffs, newton_schulz, ns_flops
 from motif_jax.optim.qk_clip import max_logit_per_layer, qk_clip
 from motif_jax.sharding import DEFAULT_RULES, Rules
@@ -21,12 +22,15 @@ def muonclip(learning_rate: optax.ScalarOrSchedule, *, logical_axes, num_kv_grou
              adam_learning_rate: optax.ScalarOrSchedule | None = None,
              adam_weight_decay: float | None = None, qk_clip_tau: float | None = 100.0,
              mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
-             ns_dtype=jnp.bfloat16) -> optax.GradientTransformationExtraArgs:
+             ns_dtype=jnp.bfloat16,
+             ns_chunk_bytes: int | None = DEFAULT_CHUNK_BYTES) -> optax.GradientTransformationExtraArgs:
   """The MuonClip optimizer over the model's params (a nested dict; `logical_axes` the same tree of
   PartitionSpecs, from `motif_jax.model.param_logical_axes`).
 
   Muon leaves (see `describe_routing`): W <- W (1 - lr wd) - lr 0.2 sqrt(max(m, n)) NS(g'), Nesterov
-  momentum `momentum`, `ns_steps` Newton-Schulz steps with `ns_coeffs` in `ns_dtype`. Other leaves:
+  momentum `momentum`, `ns_steps` Newton-Schulz steps with `ns_coeffs` in `ns_dtype`, run over
+  same-shaped matrices in chunks whose float32 working array stays within `ns_chunk_bytes` per
+  device (None: all at once). Other leaves:
   AdamW(adam_learning_rate or learning_rate, adam_b1, adam_b2, adam_eps, decoupled weight decay
   adam_weight_decay, default `weight_decay`). Then QK-Clip at `qk_clip_tau` (None turns it off; the
   state keeps the same structure). `mesh` turns on Parallel Muon with params laid out by `rules`.
@@ -38,7 +42,8 @@ def muonclip(learning_rate: optax.ScalarOrSchedule, *, logical_axes, num_kv_grou
       {
           MUON: matrix_muon(learning_rate, logical_axes=logical_axes, weight_decay=weight_decay,
                             momentum=momentum, ns_steps=ns_steps, ns_coeffs=ns_coeffs,
-                            ns_dtype=ns_dtype, mesh=mesh, rules=rules),
+                            ns_dtype=ns_dtype, ns_chunk_bytes=ns_chunk_bytes, mesh=mesh,
+                            rules=rules),
           ADAM: optax.adamw(learning_rate if adam_learning_rate is None else adam_learning_rate,
                             b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=adam_wd),
       },

@@ -22,6 +22,7 @@ parameters' sharding: XLA turns both constraints into all-to-alls.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -37,6 +38,7 @@ MUON, ADAM = "muon", "adam"
 STACK_AXES = ("layers",)           # leading logical axes that stack independent matrices
 ADAM_PATH_KEYS = ("embedding", "lm_head")
 RMS_SCALE = 0.2                    # Moonlight's update-RMS matching: 0.2 * sqrt(max(m, n))
+DEFAULT_CHUNK_BYTES = 1 << 30      # Newton-Schulz's largest float32 intermediate per device
 
 
 def _is_spec(x) -> bool:
@@ -136,41 +138,74 @@ def _reshard_path(spec: P, shape: tuple[int, ...], mesh: Mesh) -> list[P]:
           P(_spec_entry(free + rows + cols), None, None)]
 
 
+def chunk_layout(count: int, rows: int, cols: int, *, shards: int, chunk_bytes: int | None):
+  """(chunks, per_chunk): how `count` [rows, cols] matrices spread over `shards` devices run NS.
+
+  Each device holds ceil(count / shards) matrices and orthogonalizes them `per_chunk` at a time, in
+  `chunks` sequential chunks, so that a float32 [per_chunk, rows, cols] array (Newton-Schulz's largest
+  intermediate) stays within `chunk_bytes` (None: one chunk). Chunks are made even, so padding adds
+  fewer than `chunks` matrices per device.
+  """
+  local = -(-count // shards)
+  fit = local if chunk_bytes is None else max(1, chunk_bytes // (4 * rows * cols))
+  chunks = -(-local // fit)
+  return chunks, -(-local // chunks)
+
+
 def orthogonalize(leaves: dict[str, jax.Array], param_specs: dict[str, P] | None, *, steps: int,
-                  coeffs: Coeffs, dtype, mesh: Mesh | None) -> dict[str, jax.Array]:
+                  coeffs: Coeffs, dtype, mesh: Mesh | None,
+                  chunk_bytes: int | None = DEFAULT_CHUNK_BYTES) -> dict[str, jax.Array]:
   """Newton-Schulz of every matrix of every leaf; each leaf is [*stack, m, n] -> same shape, float32.
 
   Leaves whose matrices have the same shape up to a transpose share one batch [B, m, n] (m <= n).
-  With a mesh (and `param_specs`, the leaves' PartitionSpecs), the batch is padded to a multiple of
-  `mesh.size` and resharded from the parameter layout to one sharded over all mesh axes on B, so every
-  device orthogonalizes B / mesh.size whole matrices; the result is resharded back the same way.
+  With a mesh (and `param_specs`, the leaves' PartitionSpecs), the batch is resharded from the
+  parameter layout to one sharded over all mesh axes on B, so every device orthogonalizes its own
+  whole matrices, once; the result is resharded back the same way. Each device runs its matrices in
+  sequential chunks (`chunk_layout`) so that Newton-Schulz's working set stays near `chunk_bytes`
+  whatever the model's size; the batch is padded with zero matrices to shards x chunks x per_chunk.
   """
   groups: dict[tuple[int, int], list[str]] = {}
   for name, x in leaves.items():
     groups.setdefault(tuple(sorted(x.shape[-2:])), []).append(name)
+  shards = 1 if mesh is None else mesh.size
 
   def constrain(x, spec):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
+  def chunk_ns(chunk, spread=None):                                    # [shards, per_chunk, m, n]
+    if spread is not None:  # the shards axis over the mesh axes that whole matrices spread over
+      chunk = constrain(chunk, P(spread))
+    return newton_schulz(chunk, steps=steps, coeffs=coeffs, dtype=dtype)
+
   out = {}
-  for names in groups.values():
-    pieces = [_wide(leaves[n].astype(dtype)) for n in names]
-    pieces = [p.reshape(-1, *p.shape[-2:]) for p in pieces]
+  for (m, n), names in groups.items():
+    pieces = [_wide(leaves[name].astype(dtype)) for name in names]
+    pieces = [p.reshape(-1, m, n) for p in pieces]
     sizes = [p.shape[0] for p in pieces]
+    chunks, per_chunk = chunk_layout(sum(sizes), m, n, shards=shards, chunk_bytes=chunk_bytes)
     batch = jnp.concatenate(pieces, axis=0)                            # [B, m, n]
+    batch = jnp.pad(batch, ((0, shards * chunks * per_chunk - batch.shape[0]), (0, 0), (0, 0)))
+    spread = None
     if mesh is not None:
-      batch = jnp.pad(batch, ((0, -batch.shape[0] % mesh.size), (0, 0), (0, 0)))
       path = _reshard_path(param_specs[names[0]], leaves[names[0]].shape, mesh)
       for spec in path:                                                # to whole matrices
         batch = constrain(batch, spec)
-    ortho = newton_schulz(batch, steps=steps, coeffs=coeffs, dtype=dtype)
+      spread = path[-1][0]
+    # Device d holds the contiguous rows [d, chunks, per_chunk]; the map runs one chunk per device
+    # at a time: [chunks, shards, per_chunk, m, n], the shards axis sharded over the whole mesh.
+    batch = batch.reshape(shards, chunks, per_chunk, m, n).swapaxes(0, 1)
+    if chunks == 1:
+      ortho = chunk_ns(batch[0], spread)
+    else:
+      ortho = jax.lax.map(functools.partial(chunk_ns, spread=spread), batch).swapaxes(0, 1)
+    ortho = ortho.reshape(-1, m, n)
     if mesh is not None:
       for spec in reversed(path):                                      # and back
         ortho = constrain(ortho, spec)
     start = 0
     for name, size in zip(names, sizes):
       shape = leaves[name].shape
-      piece = ortho[start:start + size].reshape(*shape[:-2], *sorted(shape[-2:]))
+      piece = ortho[start:start + size].reshape(*shape[:-2], m, n)
       start += size
       piece = jnp.swapaxes(piece, -1, -2) if shape[-2] > shape[-1] else piece
       if mesh is not None:
@@ -180,12 +215,14 @@ def orthogonalize(leaves: dict[str, jax.Array], param_specs: dict[str, P] | None
 
 
 def scale_by_muon(logical_axes, *, momentum: float = 0.95, ns_steps: int = 5,
-                  ns_coeffs: Coeffs = "classic", ns_dtype=jnp.bfloat16, mesh: Mesh | None = None,
+                  ns_coeffs: Coeffs = "classic", ns_dtype=jnp.bfloat16,
+                  ns_chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, mesh: Mesh | None = None,
                   rules: Rules = DEFAULT_RULES) -> optax.GradientTransformation:
   """Nesterov momentum (no bias correction) then Newton-Schulz, for trees of [*stack, m, n] leaves.
 
   `logical_axes` (a tree of PartitionSpecs covering the params) gives, with `rules` and `mesh`, the
-  sharding the orthogonalized updates are constrained back to.
+  sharding the orthogonalized updates are constrained back to. `ns_chunk_bytes` bounds Newton-Schulz's
+  working set per device (see `orthogonalize`).
   """
   param_specs = None
   if mesh is not None:
@@ -202,7 +239,7 @@ def scale_by_muon(logical_axes, *, momentum: float = 0.95, ns_steps: int = 5,
     flat, treedef = jax.tree_util.tree_flatten_with_path(nesterov)
     names = [path_name(p) for p, _ in flat]
     ortho = orthogonalize(dict(zip(names, (x for _, x in flat))), param_specs, steps=ns_steps,
-                          coeffs=ns_coeffs, dtype=ns_dtype, mesh=mesh)
+                          coeffs=ns_coeffs, dtype=ns_dtype, mesh=mesh, chunk_bytes=ns_chunk_bytes)
     return jax.tree_util.tree_unflatten(treedef, [ortho[n] for n in names]), MuonState(buf)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -220,12 +257,13 @@ def scale_by_matrix_rms(rms: float = RMS_SCALE) -> optax.GradientTransformation:
 
 def matrix_muon(learning_rate: optax.ScalarOrSchedule, *, logical_axes, weight_decay: float = 0.1,
                 momentum: float = 0.95, ns_steps: int = 5, ns_coeffs: Coeffs = "classic",
-                ns_dtype=jnp.bfloat16, mesh: Mesh | None = None,
+                ns_dtype=jnp.bfloat16, ns_chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+                mesh: Mesh | None = None,
                 rules: Rules = DEFAULT_RULES) -> optax.GradientTransformation:
   """The full Muon update for Muon-routed leaves: `-lr * (0.2 sqrt(max(m,n)) NS(g') + wd * W)`."""
   return optax.chain(
       scale_by_muon(logical_axes, momentum=momentum, ns_steps=ns_steps, ns_coeffs=ns_coeffs,
-                    ns_dtype=ns_dtype, mesh=mesh, rules=rules),
+                    ns_dtype=ns_dtype, ns_chunk_bytes=ns_chunk_bytes, mesh=mesh, rules=rules),
       scale_by_matrix_rms(),
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate),
