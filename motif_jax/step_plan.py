@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from motif_jax import checkpoint, configs, sharding
+from motif_jax import checkpoint, configs, sharding, train_step
 from motif_jax.model import abstract_params, init_params, param_logical_axes
 from motif_jax.train_step import BATCH_KEYS, TrainState, make_train_step, state_shardings
 
@@ -45,6 +45,11 @@ class StepPlan(NamedTuple):
     return {k: jax.ShapeDtypeStruct((batch_size, seq_len),
                                     jnp.float32 if k == "loss_weights" else jnp.int32,
                                     sharding=self.batch_sharding) for k in BATCH_KEYS}
+
+  def checked_leaf_names(self) -> tuple[str, ...]:
+    """Names of the leaves the step's `metrics["nonfinite_leaves"]` flags, position by position."""
+    params = abstract_params(self.cfg)
+    return train_step.checked_leaf_names(params, jax.eval_shape(self.tx.init, params))
 
   def initial_state(self, seed: int) -> TrainState:
     """A freshly initialised train state, laid out by `shardings` (parameters born sharded)."""

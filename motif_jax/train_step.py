@@ -19,6 +19,10 @@ from motif_jax.model.transformer import stack_layers, unstack_layers
 
 BATCH_KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
 
+# Why a step was skipped: `metrics["nonfinite_reason"]` indexes this (0: it was not). The first
+# failing check wins: the loss, then the gradients, then the update (new params or optimizer state).
+NONFINITE_REASONS = ("none", "loss", "gradients", "update")
+
 
 class TrainState(NamedTuple):
   step: jax.Array  # int32 []
@@ -52,6 +56,36 @@ def cast_block_matrices(params, dtype):
   return {**params, "blocks": blocks}
 
 
+def _checked_leaves(params, opt_state) -> list[tuple[str, Any]]:
+  """(name, leaf) of every float leaf of the params and the optimizer state, in a fixed order.
+
+  Names are paths such as `params/blocks/mlp/w_up` or
+  `opt_state/1/0/inner_states/muon/inner_state/0/momentum/blocks/mlp/w_up`. Integer leaves (step
+  counts) cannot be non-finite and are left out. Works on arrays and on ShapeDtypeStructs alike.
+  """
+  checked = []
+  for prefix, tree in (("params", params), ("opt_state", opt_state)):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      if jnp.issubdtype(leaf.dtype, jnp.inexact):
+        checked.append((f"{prefix}/{jax.tree_util.keystr(path, simple=True, separator='/')}", leaf))
+  return checked
+
+
+def checked_leaf_names(params, opt_state) -> tuple[str, ...]:
+  """The leaf names `metrics["nonfinite_leaves"]` refers to, position by position."""
+  return tuple(name for name, _ in _checked_leaves(params, opt_state))
+
+
+def _finite_per_leaf(params, opt_state) -> jax.Array:
+  """bool [checked leaves]: whether each checked leaf is all finite (one reduction per leaf)."""
+  return jnp.stack([jnp.all(jnp.isfinite(leaf)) for _, leaf in _checked_leaves(params, opt_state)])
+
+
+def _nonfinite_reason(loss_ok: jax.Array, grads_ok: jax.Array, update_ok: jax.Array) -> jax.Array:
+  """int32 []: an index into NONFINITE_REASONS, the first failing check (0 when all pass)."""
+  return jnp.select([~loss_ok, ~grads_ok, ~update_ok], [1, 2, 3], 0).astype(jnp.int32)
+
+
 def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformationExtraArgs, schedule: optax.Schedule, *,
                     micro_batches: int = 1,
@@ -61,8 +95,12 @@ def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef,
   batch: dict of [global_batch, seq] arrays (`BATCH_KEYS`); rows are split into `micro_batches`
   equal micro-batches whose gradients are summed before one optimizer update. The loss is the
   token-weighted mean over the whole batch, so the result does not depend on `micro_batches`.
-  A step whose loss or gradients are not finite leaves params and optimizer state unchanged
-  (`metrics["finite"]` is False); the step counter and RNG still advance, as the data does.
+  A step whose loss or gradients are not finite, or whose new params or optimizer state would hold
+  a NaN or inf (an optimizer that overflowed on finite gradients), leaves params and optimizer state
+  unchanged (`metrics["finite"]` is False); the step counter and RNG still advance, as the data
+  does. `metrics["nonfinite_reason"]` indexes NONFINITE_REASONS, and `metrics["nonfinite_leaves"]`
+  flags each new params/optimizer-state leaf that is not finite, in the order of
+  `checked_leaf_names`.
   """
 
   def summed_loss(params, micro, layer_blocks=None):
@@ -132,14 +170,19 @@ def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef,
       loss, grad_norm = loss_sum / denominator, optax.global_norm(grads)
       updates, opt_state = tx.update(grads, state.opt_state, state.params, max_logits=max_logits)
       params = optax.apply_updates(state.params, updates)
-      # A NaN or inf anywhere in the gradients makes their norm non-finite: such a step is skipped.
-      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      # A NaN or inf anywhere in the gradients makes their norm non-finite; the optimizer can also
+      # overflow on finite gradients. Either way the step is skipped: the old state is kept.
+      leaf_finite = _finite_per_leaf(params, opt_state)
+      reason = _nonfinite_reason(jnp.isfinite(loss), jnp.isfinite(grad_norm), jnp.all(leaf_finite))
+      finite = reason == 0
       params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                        (params, opt_state), (state.params, state.opt_state))
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
         "finite": finite,
+        "nonfinite_reason": reason,
+        "nonfinite_leaves": ~leaf_finite,
         "learning_rate": schedule(state.step),
         "tokens": weight_sum,
         "max_logit": jnp.max(max_logits),

@@ -5,9 +5,10 @@ with explicit shardings, a log line and TensorBoard scalars every `log_every` st
 checkpoints every `checkpoint_every` steps and automatic resume from `workdir/checkpoints` (skipping
 a newest checkpoint that cannot be read back). On a preemption notice (SIGTERM; with several hosts,
 at a step they all agree on) it checkpoints the current step and returns normally. A step with a
-non-finite loss or gradients changes nothing and is counted; `max_nonfinite_steps` of them in a row
-stop the run. `motif_jax.step_plan.plan_step` builds the jitted step alone (for `motif_jax.aot`
-and the benchmarks).
+non-finite loss, gradients or update (new params or optimizer state) changes nothing and is counted,
+its cause logged; `max_nonfinite_steps` of them in a row stop the run.
+`motif_jax.step_plan.plan_step` builds the jitted step alone (for `motif_jax.aot` and the
+benchmarks).
 """
 
 
@@ -32,7 +33,7 @@ from motif_jax.model import abstract_params, param_logical_axes
 from motif_jax import optim
 from motif_jax.optim import schedules
 from motif_jax.step_plan import plan_step
-from motif_jax.train_step import BATCH_KEYS
+from motif_jax.train_step import BATCH_KEYS, NONFINITE_REASONS
 
 muonclip = gin.external_configurable(optim.muonclip, "muonclip")
 
@@ -117,7 +118,7 @@ def train(workdir: str, *,
 
     writer = metrics.MetricWriter(os.path.join(workdir, "logs")) if jax.process_index() == 0 else None
     reporter = _Reporter(cfg, seq_len, batch_size, num_steps, peak_tflops_per_device, writer)
-    guard = _NonFiniteGuard(max_nonfinite_steps, skipped_before)
+    guard = _NonFiniteGuard(max_nonfinite_steps, skipped_before, plan.checked_leaf_names())
     preemption = checkpoint.PreemptionWatch()
     batches = _stacked([stream.batches(start=data_position) for stream in data_streams])
     step = int(state.step)
@@ -132,7 +133,7 @@ def train(workdir: str, *,
         state, step_metrics = plan.step_fn(state, _global_batch(local_rows, plan.batch_sharding))
         step += 1
         data_position += 1
-        guard.push(step, step_metrics["finite"])
+        guard.push(step, step_metrics)
         log = step == 1 or step % log_every == 0 or step == num_steps
         if log:
           guard.flush()
@@ -186,42 +187,81 @@ def _global_batch(local_rows: dict, batch_sharding) -> dict:
 
 
 class NonFiniteError(RuntimeError):
-  """Too many training steps in a row had a non-finite loss or gradients."""
+  """Too many training steps in a row had a non-finite loss, gradients or update."""
+
+
+_DIVERGENCE_FIX = ("Lower PEAK_LR or train.grad_clip_norm, add train.z_loss_weight, or check the "
+                   "data of steps {first}-{last}.")
+# The fix each cause of a skipped step calls for, in the NonFiniteError message.
+_NONFINITE_FIXES = {
+    "loss": _DIVERGENCE_FIX,
+    "gradients": _DIVERGENCE_FIX,
+    "update": "The optimizer turned finite gradients into NaN or inf in the leaves named: check its "
+              "settings (for MuonClip, its Newton-Schulz dtype and coefficients, muonclip.ns_dtype "
+              "and muonclip.ns_coeffs) or lower PEAK_LR.",
+}
+
+
+def _name_some(names: Sequence[str], at_most: int = 10) -> str:
+  """`names` joined by commas, the first `at_most` of them, then "and N more"."""
+  shown = ", ".join(names[:at_most])
+  return shown if len(names) <= at_most else f"{shown} and {len(names) - at_most} more"
 
 
 class _NonFiniteGuard:
-  """Counts skipped (non-finite) steps and stops the run after `limit` in a row.
+  """Counts skipped (non-finite) steps, says why each was skipped, and stops the run after `limit`
+  in a row.
 
   It reads each step's `finite` flag one step late, so the host never waits for the step it just
   launched; `flush` reads the pending one (log and checkpoint steps wait for the device anyway).
+  `leaf_names` names the step's `nonfinite_leaves` flags (`StepPlan.checked_leaf_names`).
   """
 
-  def __init__(self, limit: int, skipped_before: int):
+  def __init__(self, limit: int, skipped_before: int, leaf_names: Sequence[str]):
     self.limit, self.total, self.in_a_row = limit, skipped_before, 0
+    self.leaf_names = tuple(leaf_names)
     self._pending = None
+    self._streak_reasons: set[str] = set()
 
-  def push(self, step: int, finite: jax.Array) -> None:
+  def push(self, step: int, step_metrics: dict) -> None:
+    """Checks the previous step, then holds this one's flags (device arrays, not yet read)."""
     self.flush()
-    self._pending = (step, finite)
+    self._pending = (step, {key: step_metrics[key] for key in
+                            ("finite", "nonfinite_reason", "nonfinite_leaves")})
 
   def flush(self) -> None:
     if self._pending is None:
       return
-    (step, finite), self._pending = self._pending, None
-    if bool(finite):
+    (step, flags), self._pending = self._pending, None
+    if bool(flags["finite"]):
       self.in_a_row = 0
+      self._streak_reasons.clear()
       return
+    reason = NONFINITE_REASONS[int(flags["nonfinite_reason"])]
+    cause = self._describe(reason, np.asarray(jax.device_get(flags["nonfinite_leaves"])))
     self.total += 1
     self.in_a_row += 1
-    logging.warning("Step %d skipped: non-finite loss or gradients (%d in a row, %d in all); "
-                    "parameters and optimizer state left as they were.", step, self.in_a_row,
-                    self.total)
+    self._streak_reasons.add(reason)
+    logging.warning("Step %d skipped: %s (%d in a row, %d in all); parameters and optimizer state "
+                    "left as they were.", step, cause, self.in_a_row, self.total)
     if self.in_a_row >= self.limit:
-      raise NonFiniteError(
-          f"Stopped at step {step}: {self.in_a_row} steps in a row had a non-finite loss or "
-          f"gradients (train.max_nonfinite_steps={self.limit}). Nothing non-finite was applied or "
-          f"saved; the run resumes from its last checkpoint. Lower PEAK_LR or train.grad_clip_norm, "
-          f"add train.z_loss_weight, or check the data of steps {step - self.in_a_row + 1}-{step}.")
+      raise NonFiniteError(self._message(step, cause))
+
+  def _describe(self, reason: str, nonfinite_leaves: np.ndarray) -> str:
+    """The cause of a skipped step, naming the leaves a non-finite update would have spoilt."""
+    if reason != "update":  # a NaN loss or gradient spoils every leaf: the names say nothing
+      return f"non-finite {reason}"
+    names = [name for name, bad in zip(self.leaf_names, nonfinite_leaves) if bad]
+    return f"non-finite update in {_name_some(names)}"
+
+  def _message(self, step: int, cause: str) -> str:
+    first = step - self.in_a_row + 1
+    fixes = dict.fromkeys(_NONFINITE_FIXES[reason].format(first=first, last=step)
+                          for reason in NONFINITE_REASONS if reason in self._streak_reasons)
+    return (f"Stopped at step {step}: {self.in_a_row} steps in a row had a non-finite loss, "
+            f"gradients or update (train.max_nonfinite_steps={self.limit}); step {step}: {cause}. "
+            f"Nothing non-finite was applied or saved; the run resumes from its last checkpoint. "
+            + " ".join(fixes))
 
 
 class _Reporter:
