@@ -1,7 +1,8 @@
 """Training data: sources as seqio Tasks, a curriculum mixture over tokens seen, packed resumable batches.
 
 Importing this package stays cheap (gin and numpy): TensorFlow and seqio load only when
-`make_train_data` runs, or when `motif_jax.data.tasks` or `motif_jax.data.sources` is imported.
+`make_train_data` runs on text tasks, or when `motif_jax.data.tasks` or `motif_jax.data.sources` is
+imported. A curriculum of pre-tokenized token files (`motif_jax.data.token_files`) needs neither.
 Importing it registers the gin configurables of `motif_jax.data.config` (`curriculum`, the sources).
 """
 

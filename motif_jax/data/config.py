@@ -2,7 +2,8 @@
 
 A run's data is a `DataConfig`: the global batch, the sequence length, the seed and a `Curriculum`
 (or the name of a preset, `"motif_embedded"`). A curriculum names its tasks, each a source of text
-documents, and gives stages of mixture weights over tokens seen:
+documents (or, in a curriculum of its own, of pre-tokenized token files), and gives stages of mixture
+weights over tokens seen:
 
     train.data_mixture = @curriculum()
     curriculum.tasks = {'web': @web/jsonl_files(), 'code': @embedded/corpus_domain()}
@@ -23,6 +24,7 @@ from typing import Mapping, Sequence, Union
 import gin
 
 INTERPOLATIONS = ("linear", "step", "cosine")
+TOKEN_DTYPES = ("uint16", "uint32")  # the id types of token files
 EMBEDDED_DOMAINS = ("code", "prose", "math")  # the domains of motif_jax.data.corpus
 
 
@@ -69,7 +71,22 @@ class TfdsDataset:
   text_field: str = "text"
 
 
-Source = Union[CorpusDomain, TextFiles, JsonlFiles, TFRecordFiles, TfdsDataset]
+@dataclasses.dataclass(frozen=True)
+class TokenFiles:
+  """Pre-tokenized token streams (motif_jax.data.token_files): `.npy` (1-D) or raw `.bin` files of `dtype`.
+
+  vocab_size: ids lie in [0, vocab_size); it is the run's vocabulary (there is no tokenizer).
+  eos_id: documents end after each `eos_id` (keeping it); None cuts the streams into row-long documents.
+  """
+
+  paths: tuple[str, ...]
+  vocab_size: int
+  dtype: str = "uint16"
+  eos_id: int | None = None
+
+
+Source = Union[CorpusDomain, TextFiles, JsonlFiles, TFRecordFiles, TfdsDataset, TokenFiles]
+TEXT_SOURCES = (CorpusDomain, TextFiles, JsonlFiles, TFRecordFiles, TfdsDataset)  # read through seqio
 
 
 def _paths(paths) -> tuple[str, ...]:
@@ -102,6 +119,12 @@ def tfds_dataset(name: str = gin.REQUIRED, data_dir: str | None = None, split: s
   return TfdsDataset(name, data_dir, split, text_field)
 
 
+@gin.configurable
+def token_files(paths: Sequence[str] = gin.REQUIRED, vocab_size: int = gin.REQUIRED, dtype: str = "uint16",
+                eos_id: int | None = None) -> TokenFiles:
+  return TokenFiles(_paths(paths), vocab_size, dtype, eos_id)
+
+
 # --- The curriculum -------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +138,8 @@ class Curriculum:
     there (so a domain can enter the schedule late or leave it). Between stage starts the weights are
     interpolated; after the last stage they stay.
   interpolation: "linear" (default), "step" (hold each stage until the next) or "cosine" (eased).
-  vocabulary: "byte" (seqio.ByteVocabulary) or the path of a SentencePiece model (`.model` file).
+  vocabulary: "byte" (seqio.ByteVocabulary) or the path of a SentencePiece model (`.model` file), for
+    text tasks. A curriculum of token files leaves it "byte": its vocabulary is `token_files.vocab_size`.
   vocab_pad_multiple: the vocabulary is padded to a multiple of this (and of the model's vocabulary
     shards) for the model's embedding.
   block_size: examples per block of the task draw (None: max(8, 2 x tasks)); each block holds the
@@ -137,6 +161,11 @@ class Curriculum:
     return tuple(name for name, _ in self.tasks)
 
   @property
+  def reads_token_files(self) -> bool:
+    """Whether the tasks read token files (then all of them do, and neither TF nor seqio is needed)."""
+    return isinstance(self.tasks[0][1], TokenFiles)
+
+  @property
   def examples_per_block(self) -> int:
     return self.block_size or max(8, 2 * len(self.tasks))
 
@@ -154,14 +183,17 @@ def _validate(c: Curriculum) -> None:
   for name, source in c.tasks:
     if not name.replace("_", "").isalnum():
       raise ValueError(f"curriculum.tasks: task name {name!r} must be letters, digits and underscores.")
-    if not isinstance(source, (CorpusDomain, TextFiles, JsonlFiles, TFRecordFiles, TfdsDataset)):
+    if not isinstance(source, TEXT_SOURCES + (TokenFiles,)):
       raise ValueError(f"curriculum.tasks[{name!r}] = {source!r} is not a source; use corpus_domain(), "
-                       "text_files(), jsonl_files(), tfrecord_files() or tfds_dataset().")
+                       "text_files(), jsonl_files(), tfrecord_files(), tfds_dataset() or token_files().")
     if isinstance(source, CorpusDomain) and source.domain not in EMBEDDED_DOMAINS:
       raise ValueError(f"curriculum.tasks[{name!r}]: unknown embedded corpus domain {source.domain!r}; "
                        f"choose one of {EMBEDDED_DOMAINS}.")
-    if isinstance(source, (TextFiles, JsonlFiles, TFRecordFiles)) and not source.paths:
+    if isinstance(source, (TextFiles, JsonlFiles, TFRecordFiles, TokenFiles)) and not source.paths:
       raise ValueError(f"curriculum.tasks[{name!r}] lists no paths.")
+    if isinstance(source, TokenFiles):
+      _validate_token_files(f"curriculum.tasks[{name!r}]", source)
+  _validate_token_curriculum(c)
   if not c.stages:
     raise ValueError("curriculum.stages is empty; give at least one (tokens_seen, weights) stage.")
   previous = None
@@ -199,6 +231,42 @@ def _validate(c: Curriculum) -> None:
                      f"({len(names)}), so that every block holds examples.")
   if not 0.1 <= c.fill <= 4:
     raise ValueError(f"curriculum.fill={c.fill} must lie in [0.1, 4] (1.0 fills batches on average).")
+
+
+def _validate_token_files(where: str, s: TokenFiles) -> None:
+  if s.dtype not in TOKEN_DTYPES:
+    raise ValueError(f"{where}: token_files.dtype={s.dtype!r}; choose one of {TOKEN_DTYPES}.")
+  if isinstance(s.vocab_size, bool) or not isinstance(s.vocab_size, int) or s.vocab_size < 2:
+    raise ValueError(f"{where}: token_files.vocab_size={s.vocab_size!r}; give the tokenizer's number of ids "
+                     "(an int >= 2).")
+  limit = 1 << (8 * (2 if s.dtype == "uint16" else 4))
+  if s.vocab_size > limit:
+    raise ValueError(f"{where}: token_files.vocab_size={s.vocab_size} needs ids beyond dtype={s.dtype!r} "
+                     f"(below {limit:,}); write the files as uint32 and set dtype='uint32'.")
+  if s.eos_id is not None and (isinstance(s.eos_id, bool) or not isinstance(s.eos_id, int)
+                               or not 0 <= s.eos_id < s.vocab_size):
+    raise ValueError(f"{where}: token_files.eos_id={s.eos_id!r} must be an id in [0, vocab_size="
+                     f"{s.vocab_size}), or None to cut the streams into row-long documents.")
+
+
+def _validate_token_curriculum(c: Curriculum) -> None:
+  """Token-file tasks: all or none of a curriculum, with one vocabulary size."""
+  token = [name for name, source in c.tasks if isinstance(source, TokenFiles)]
+  if not token:
+    return
+  text = [name for name in c.task_names if name not in token]
+  if text:
+    raise ValueError(f"curriculum.tasks mixes token-file tasks {token} with text tasks {text}; a curriculum "
+                     "reads either token files or text: tokenize the text tasks into token files (README, "
+                     "Data) or train on them in a run of their own.")
+  sizes = {name: source.vocab_size for name, source in c.tasks}
+  if len(set(sizes.values())) > 1:
+    raise ValueError(f"curriculum.tasks: the token-file tasks declare different vocab_size {sizes}; they "
+                     "must come from one tokenizer: give every token_files.vocab_size its number of ids.")
+  if c.vocabulary != "byte":
+    raise ValueError(f"curriculum.vocabulary={c.vocabulary!r} names a tokenizer for text tasks, but the "
+                     "tasks are token files (their vocabulary is token_files.vocab_size): remove the "
+                     "binding.")
 
 
 @gin.configurable

@@ -16,7 +16,6 @@ Importing this module imports TensorFlow and seqio.
 
 from __future__ import annotations
 
-import glob
 import json
 import mmap
 import os
@@ -28,6 +27,7 @@ import seqio
 import tensorflow as tf
 
 from motif_jax.data import config, corpus
+from motif_jax.data.paths import expand_paths
 
 _SCAN_BYTES = 1 << 26  # bytes per chunk when indexing line breaks
 
@@ -100,19 +100,6 @@ class CorpusSource(IndexedSource):
 
   def _read_one(self, index: int) -> str:
     return self.documents[index]
-
-
-def expand_paths(paths: Sequence[str], setting: str) -> list[str]:
-  """Files matched by `paths` (globs allowed), in order; raises naming `setting` if one matches nothing."""
-  files = []
-  for pattern in paths:
-    matched = sorted(glob.glob(os.path.expanduser(pattern)))
-    if not matched:
-      raise FileNotFoundError(f"{setting}: no file matches {pattern!r}; check the path (globs are allowed).")
-    files.extend(m for m in matched if os.path.isfile(m))
-  if not files:
-    raise FileNotFoundError(f"{setting}: {list(paths)} match only directories; name the files.")
-  return files
 
 
 class _FileRecords:
