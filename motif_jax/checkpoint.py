@@ -3,14 +3,17 @@
 A checkpoint holds the whole TrainState (params, optimizer state, step, RNG) and a JSON record
 with the step and the data position. Orbax writes each step into a temporary directory and renames
 it when complete, so a save that a crash interrupts never appears as a step; `latest_complete_step`
-also ignores any step directory that lacks orbax's completion metadata, and `restore_latest` skips,
-with a warning naming it, a newest checkpoint that cannot be read back or holds non-finite values.
+also ignores any step directory that lacks orbax's completion metadata. `restore_latest` skips a
+newest checkpoint that is incomplete, cannot be read back or holds non-finite values, and moves it
+aside (renamed `<step>.corrupt-<UTC time>`, never deleted; the warning names both paths), so that
+the run can save that step anew.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -49,22 +52,49 @@ class Checkpointer:
   def restore_latest(self, abstract_state):
     """(step, state, meta) of the newest checkpoint that restores whole and finite, or None.
 
-    A checkpoint that fails (unreadable or truncated files, a bad JSON record, NaN or inf values)
-    is skipped with a warning naming its directory, and the one before it is tried. With several
-    processes a checkpoint counts only if every process read its part of it.
+    A checkpoint that fails (incomplete, unreadable or truncated files, a bad JSON record, NaN or
+    inf values) is moved aside with a warning naming where it went, and the one before it is tried.
+    Left in place, it would stop the resumed run when it reaches that step again (orbax refuses to
+    save a step that exists). With several processes a checkpoint counts only if every process read
+    its part of it, and process 0 alone moves a bad one.
     """
     for step in sorted(self._all_steps(), reverse=True):
-      path = epath.Path(self.directory) / str(step)
-      if not _is_complete(path):
-        logging.warning("Skipping incomplete checkpoint %s", path)
+      path = self._step_path(step)
+      if _on_any_process(not _is_complete(path)):
+        self._move_aside(step, "it is incomplete (no _CHECKPOINT_METADATA or no state)")
         continue
       restored, problem = self._try_restore(step, abstract_state)
       if _on_any_process(problem is not None):
-        logging.warning("Skipping checkpoint %s: %s; trying the one before it.", path,
-                        problem or "another process could not restore it")
+        self._move_aside(step, problem or "another process could not restore it")
         continue
       return step, restored[0], restored[1]
     return None
+
+  def _step_path(self, step: int) -> epath.Path:
+    return epath.Path(self.directory) / str(step)
+
+  def _move_aside(self, step: int, problem: str) -> None:
+    """Renames the bad checkpoint of `step` to a name orbax does not take for a step, and says so.
+
+    Every process calls it; process 0 renames (epath, so a gs:// bucket works too), the others wait
+    for it, and then all of them forget the step.
+    """
+    path = self._step_path(step)
+    aside = path.parent / f"{step}{_ASIDE_MARK}{_agreed_utc_time()}"
+    failure = None
+    if jax.process_index() == 0:
+      try:
+        path.rename(aside)
+      except Exception as error:  # pylint: disable=broad-except  (reported on every process below)
+        failure = f"{type(error).__name__}: {error}"
+    if _on_any_process(failure is not None):  # also the wait for process 0's rename
+      raise CheckpointError(
+          f"Checkpoint {path} is bad ({problem}) and moving it aside to {aside} failed "
+          f"({failure or 'on process 0'}); move it out of {self.directory} by hand and start "
+          "again.")
+    self._manager.reload()
+    logging.warning("Skipping checkpoint %s: %s; moved it aside to %s and trying the one before "
+                    "it.", path, problem, aside)
 
   def _try_restore(self, step: int, abstract_state):
     try:
@@ -95,6 +125,22 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+class CheckpointError(RuntimeError):
+  """A bad checkpoint could not be moved out of the way of the resumed run."""
+
+
+# Orbax takes only names of digits for steps, so it does not list `<step>.corrupt-<time>` as one.
+_ASIDE_MARK = ".corrupt-"
+
+
+def _agreed_utc_time() -> str:
+  """Process 0's UTC time, e.g. 20250131-235959, on every process: one name for a moved step."""
+  seconds = np.uint32(time.time())
+  if jax.process_count() > 1:
+    seconds = multihost_utils.broadcast_one_to_all(seconds)
+  return time.strftime("%Y%m%d-%H%M%S", time.gmtime(int(seconds)))
 
 
 class _RestoreFailure:

@@ -48,11 +48,32 @@ HEARTBEAT = flags.DEFINE_integer(
 GIN_SEARCH_PATH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _check_workdir(workdir: str) -> None:
+  """Stops with one line when --workdir, a folder above it, or its checkpoints or logs is a file.
+
+  Checked before jax starts, so that the run does not end in a FileExistsError from the first mkdir.
+  (A bucket has no files in the way of folders, so above a gs:// path nothing is checked.)
+  """
+  path = epath.Path(workdir)
+  above = () if "://" in workdir else path.parents
+  existing = next((p for p in (path, *above) if p.exists()), None)
+  if existing is not None and not existing.is_dir():
+    what = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+    raise SystemExit(f"motif_jax.train: --workdir={workdir} {what}, not a directory; pass a "
+                     "directory path (a new one is created if it does not exist).")
+  for name in ("checkpoints", "logs"):
+    if (path / name).exists() and not (path / name).is_dir():
+      raise SystemExit(f"motif_jax.train: --workdir={workdir} holds a file named {name!r} where "
+                       f"the run keeps its {name} directory; move that file away or pass another "
+                       "--workdir.")
+
+
 def main(argv):
   del argv
   if not WORKDIR.value:
     raise app.UsageError("--workdir is required: checkpoints and logs go there, and a run resumes "
                          "from it.")
+  _check_workdir(WORKDIR.value)
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
   try:

@@ -43,19 +43,72 @@ def test_a_corrupted_truncated_or_non_finite_latest_checkpoint_is_skipped(tmp_pa
     with open(data_file, "r+b") as f:
       f.truncate(8)
   (tmp_path / "10" / "meta" / "metadata").write_text('{"step": 10, "data_posi')  # half-written JSON
+  (tmp_path / "25" / "state").mkdir(parents=True)  # stopped half-way, on a non-atomic file system
 
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           params)
   with caplog.at_level(logging.WARNING):
     step, state, meta = ckpt.restore_latest(abstract)
+  ckpt.save(25, params, {"step": 25, "data_position": 25})  # no longer taken for an existing step
   ckpt.close()
   assert (step, meta["data_position"]) == (5, 5)
   _tree_equal(state, jax.tree.map(lambda x: x + 5, params))
   skipped = [r.getMessage() for r in caplog.records if "Skipping checkpoint" in r.getMessage()]
-  assert len(skipped) == 3, skipped
-  assert str(tmp_path / "20") in skipped[0] and "non-finite" in skipped[0]
-  assert str(tmp_path / "15") in skipped[1] and "restoring it failed" in skipped[1]
-  assert str(tmp_path / "10") in skipped[2] and "JSONDecodeError" in skipped[2]
+  assert len(skipped) == 4, skipped
+  assert str(tmp_path / "25") in skipped[0] and "incomplete" in skipped[0]
+  assert str(tmp_path / "20") in skipped[1] and "non-finite" in skipped[1]
+  assert str(tmp_path / "15") in skipped[2] and "restoring it failed" in skipped[2]
+  assert str(tmp_path / "10") in skipped[3] and "JSONDecodeError" in skipped[3]
+  for bad, message in zip((25, 20, 15, 10), skipped):  # moved aside, whole, to where the warning says
+    (aside,) = tmp_path.glob(f"{bad}.corrupt-*")
+    assert f"moved it aside to {aside}" in message, message
+    assert (aside / "state").is_dir() and (bad == 25 or (aside / "meta").is_dir())
+  assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [5, 25]
+
+
+def _run_training(workdir, cache, *bindings):
+  """(exit code, output) of the training command on the tiny model, a checkpoint every 5 steps."""
+  bindings = ["MODEL='tiny'", "BATCH_SIZE=8", "SEQ_LEN=64", "PEAK_LR=3e-3", "WARMUP_STEPS=2",
+              "train.log_every=5", "train.checkpoint_every=5", *bindings]
+  command = [sys.executable, "-m", "motif_jax.train", "--gin_file=gin_configs/base.gin",
+             f"--workdir={workdir}"] + [f"--gin_param={b}" for b in bindings]
+  result = subprocess.run(command, cwd=REPO, env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache)),
+                          capture_output=True, text=True, timeout=600)
+  return result.returncode, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_a_run_resumed_past_a_truncated_checkpoint_moves_it_aside_and_trains_through_it(
+    tmp_path, tmp_path_factory):
+  """The whole loop: left in place, the bad step stopped every resumed run when it reached that step
+  (orbax: the step already exists)."""
+  cache = tmp_path_factory.getbasetemp() / "jax_compilation_cache"  # shared with other run tests
+  cache.mkdir(exist_ok=True)
+  workdir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+  code, output = _run_training(workdir, cache, "NUM_STEPS=10")
+  assert code == 0, output[-3000:]
+  cut = sorted((checkpoints / "10" / "state" / "d").iterdir())
+  for data_file in cut:  # a copy cut short
+    with open(data_file, "r+b") as f:
+      f.truncate(8)
+
+  code, output = _run_training(workdir, cache, "NUM_STEPS=15")
+  assert code == 0, output[-3000:]
+  assert "resumed from step 5 of " in output, output[-3000:]
+  (aside,) = checkpoints.glob("10.corrupt-*")
+  assert f"Skipping checkpoint {checkpoints / '10'}: restoring it failed" in output, output[-3000:]
+  assert f"moved it aside to {aside}" in output
+  assert [(aside / "state" / "d" / f.name).stat().st_size for f in cut] == [8] * len(cut)
+  assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [5, 10, 15]
+  assert json.loads((checkpoints / "10" / "meta" / "metadata").read_text())["step"] == 10
+  with open(workdir / "logs" / "metrics.jsonl") as f:
+    logged = [record["step"] for record in map(json.loads, f)]
+  assert logged == [1, 5, 10, 10, 15], logged  # the first run's 1, 5, 10; the second's 10 and 15
+
+  code, output = _run_training(workdir, cache, "NUM_STEPS=15")  # the same command again: done
+  assert code == 0, output[-3000:]
+  assert "nothing to train: the checkpoint is at step 15" in output, output[-3000:]
+  assert "Skipping" not in output and list(checkpoints.glob("*.corrupt-*")) == [aside], output
 
 
 def _one_step_state(plan):

@@ -32,26 +32,64 @@ def _batch(rows, seq, seed):
               positions=jnp.broadcast_to(jnp.arange(seq), (rows, seq)))
 
 
+def _sgd_keeping_grads() -> optax.GradientTransformationExtraArgs:
+  """SGD with rate 1 whose state is the gradients it was last given: the step's accumulated mean."""
+  keep = optax.GradientTransformation(
+      init=lambda params: jax.tree.map(jnp.zeros_like, params),
+      update=lambda grads, state, params=None: (jax.tree.map(jnp.negative, grads), grads))
+  return optax.with_extra_args_support(keep)
+
+
+def _gradient_mismatch(got, want) -> float:
+  """The largest |got - want| over all gradient leaves, in units of the tolerance (> 1 fails).
+
+  The tolerance is 4e-6 of each value plus 4e-6 of the largest gradient in the model. float32's eps
+  is 1.2e-7, and one large batch and 4 micro-batches sum the 256 tokens' terms in a different order,
+  which moves a gradient by a few eps of the terms summed. Those terms are bounded by the model's
+  largest gradients, not by each element's own value: an element can be a small difference of large
+  terms (the attention lambdas' gradients here are 1e-3 of the largest and move by 1e-5 of their own
+  size). Measured on CPU: at most 3e-7 of the largest gradient. A missing micro-batch or a wrong
+  denominator moves gradients by tens of percent, about 1e5 tolerances.
+  """
+  largest = max(float(np.abs(g).max()) for g in jax.tree.leaves(want))
+  worst = 0.0
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    a, b = np.asarray(a), np.asarray(b)
+    worst = max(worst, float(np.max(np.abs(a - b) / (4e-6 * np.abs(b) + 4e-6 * largest))))
+  return worst
+
+
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_gradient_accumulation_equals_one_large_batch(scan_layers):
-  """With unrolled layers, the micro-batch loop also keeps the gradients per layer (its own path)."""
+  """The gradients the optimizer gets from 4 micro-batches equal those of one batch of 8 rows.
+
+  With unrolled layers, the micro-batch loop also keeps the gradients per layer (its own path).
+  """
   cfg = configs.get_model_config("tiny", scan_layers=scan_layers)
   graphdef, params = init_params(cfg, 0)
-  # Plain SGD, so the parameter change is the gradient itself (Adam would amplify rounding where
-  # gradients are near zero).
-  tx = optax.with_extra_args_support(optax.sgd(1.0))
+  # Compares the gradients themselves (kept in the optimizer state), not new minus old parameters:
+  # at a weight of size ~0.1, float32 rounding of the update alone is 1.5e-8, as large as a
+  # gradient's whole difference between the two orders of summation.
+  tx = _sgd_keeping_grads()
   lr = lambda step: 1.0
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
                      jax.random.key_data(jax.random.key(0)))
   batch = _batch(8, 32, 3)
-  results = [jax.jit(make_train_step(cfg, graphdef, tx, lr, micro_batches=k))(state, batch)
-             for k in (1, 4)]
-  (state_1, metrics_1), (state_4, metrics_4) = results
+  steps = {k: jax.jit(make_train_step(cfg, graphdef, tx, lr, micro_batches=k)) for k in (1, 4)}
+  (state_1, metrics_1), (state_4, metrics_4) = (steps[k](state, batch) for k in (1, 4))
   np.testing.assert_allclose(metrics_4["loss"], metrics_1["loss"], rtol=1e-6)
   np.testing.assert_allclose(metrics_4["grad_norm"], metrics_1["grad_norm"], rtol=1e-5)
   np.testing.assert_array_equal(metrics_4["max_logit_per_layer"], metrics_1["max_logit_per_layer"])
-  jax.tree.map(lambda a, b, p: np.testing.assert_allclose(a - p, b - p, rtol=1e-4, atol=1e-8),
-               state_4.params, state_1.params, params)
+  assert _gradient_mismatch(state_4.opt_state, state_1.opt_state) <= 1
+  jax.tree.map(lambda new, p, g: np.testing.assert_array_equal(new, p - g), state_4.params, params,
+               state_4.opt_state)  # the update applied is those gradients
+
+  # The tolerance still catches a lost micro-batch: the last 2 rows weighted 0 (out of the loss and
+  # its denominator alike) give the gradients of the first 3 micro-batches alone.
+  dropped = dict(batch, loss_weights=batch["loss_weights"].at[6:].set(0.0))
+  assert _gradient_mismatch(steps[1](state, dropped)[0].opt_state, state_1.opt_state) > 1e3
+  halved = jax.tree.map(lambda g: g / 2, state_1.opt_state)  # a denominator off by 2
+  assert _gradient_mismatch(halved, state_1.opt_state) > 1e3
 
 
 def test_unrolled_accumulation_on_a_mesh_equals_the_scanned_step_on_one_device(devices):
@@ -155,6 +193,26 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path):
   saved = ckpt.latest_complete_step()
   assert saved is not None and saved >= last_logged
   ckpt.close()
+
+
+def test_a_workdir_that_is_a_file_stops_the_command_with_one_line(tmp_path):
+  """Before jax starts: one line naming --workdir and the fix, not a FileExistsError traceback."""
+  a_file, in_the_way = tmp_path / "notes.txt", tmp_path / "run"
+  a_file.write_text("not a directory")
+  in_the_way.mkdir()
+  (in_the_way / "checkpoints").write_text("not a directory either")
+  cases = [(a_file, f"--workdir={a_file} is a file, not a directory; pass a directory path"),
+           (a_file / "run", f"--workdir={a_file / 'run'} cannot be created: {a_file} is a file"),
+           (in_the_way, f"--workdir={in_the_way} holds a file named 'checkpoints' where the run "
+                        "keeps its checkpoints directory; move that file away")]
+  for workdir, message in cases:
+    command = [sys.executable, "-m", "motif_jax.train",
+               "--gin_file=gin_configs/experiments/smoke.gin", f"--workdir={workdir}"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.startswith(f"motif_jax.train: {message}"), result.stderr[-3000:]
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+  assert a_file.read_text() == "not a directory" and not (in_the_way / "logs").exists()
 
 
 def test_interrupted_checkpoints_are_never_taken_as_latest(tmp_path):
