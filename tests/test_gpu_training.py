@@ -115,5 +115,5 @@ def test_gpu_default_trains_on_a_fixed_batch_for_20_steps(preset, layers):
       assert bool(metrics["finite"]), f"step {len(losses) + 1} was skipped: {metrics}"
       losses.append(float(metrics["loss"]))
   assert np.all(np.isfinite(losses)), losses
-  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0, losses
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5, losses
   assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(state.params))
