@@ -55,19 +55,27 @@ def describe_schedule(data: TrainData) -> str:
 
 
 def decoded_examples(data: TrainData, per_task: int, chars: int) -> str:
-  """The first `per_task` examples of every task, decoded (the start of each, `chars` characters)."""
-  from motif_jax.data import tasks  # pylint: disable=import-outside-toplevel  (loaded with the data)
-
+  """The first `per_task` examples of every task, decoded (the start of each, `chars` characters);
+  for token files, which have no vocabulary to decode with, the first ids of each."""
   lines = []
   for task, (name, stream) in enumerate(zip(data.task_names, data.streams)):
     document, piece, pieces = stream.locate(np.arange(per_task))
-    texts = data.sources[name].read(document.tolist())
-    for d, p, n, text in zip(document, piece, pieces, texts):
-      tokens = examples_lib.cut(tasks.encode(data.vocab, text), int(p), int(n))
-      shown = data.vocab.decode(tokens.tolist())[:chars]
+    for d, p, n in zip(document, piece, pieces):
+      tokens = _example_tokens(data, name, int(d), int(p), int(n))
+      shown = (data.vocab.decode(tokens.tolist())[:chars] if data.vocab is not None
+               else "ids " + " ".join(str(t) for t in tokens[:chars // 6].tolist()))
       lines.append(f"--- {name} example: document {d}, piece {p + 1} of {n}, {len(tokens)} tokens "
                    f"(task {task}) ---\n{shown}")
   return "\n".join(lines)
+
+
+def _example_tokens(data: TrainData, name: str, document: int, piece: int, pieces: int) -> np.ndarray:
+  """int [tokens]: one example's tokens, as the pipeline feeds them."""
+  source = data.sources[name]
+  if data.vocab is None:  # token files: the ids themselves
+    return source.piece(document, piece, pieces)
+  from motif_jax.data import tasks  # pylint: disable=import-outside-toplevel  (loaded with the data)
+  return examples_lib.cut(tasks.encode(data.vocab, source.read([document])[0]), piece, pieces)
 
 
 def packing_report(data: TrainData, batches: int) -> tuple[float, float]:
