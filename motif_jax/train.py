@@ -11,6 +11,8 @@ MOTIF_NUM_PROCESSES and MOTIF_PROCESS_ID environment variables.
 """
 
 import os
+import sys
+import traceback
 
 import gin
 from absl import app, flags, logging
@@ -48,6 +50,12 @@ HEARTBEAT = flags.DEFINE_integer(
 GIN_SEARCH_PATH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _stop(message: str) -> None:
+  """Ends the command over a mistake in its settings or data: one line on stderr, exit code 2."""
+  print(f"motif_jax.train: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def _check_workdir(workdir: str) -> None:
   """Stops with one line when --workdir, a folder above it, or its checkpoints or logs is a file.
 
@@ -59,13 +67,41 @@ def _check_workdir(workdir: str) -> None:
   existing = next((p for p in (path, *above) if p.exists()), None)
   if existing is not None and not existing.is_dir():
     what = "is a file" if existing == path else f"cannot be created: {existing} is a file"
-    raise SystemExit(f"motif_jax.train: --workdir={workdir} {what}, not a directory; pass a "
-                     "directory path (a new one is created if it does not exist).")
+    _stop(f"--workdir={workdir} {what}, not a directory; pass a directory path (a new one is "
+          "created if it does not exist).")
   for name in ("checkpoints", "logs"):
     if (path / name).exists() and not (path / name).is_dir():
-      raise SystemExit(f"motif_jax.train: --workdir={workdir} holds a file named {name!r} where "
-                       f"the run keeps its {name} directory; move that file away or pass another "
-                       "--workdir.")
+      _stop(f"--workdir={workdir} holds a file named {name!r} where the run keeps its {name} "
+            "directory; move that file away or pass another --workdir.")
+
+
+def _one_line(error: BaseException) -> str:
+  """The error's message on one line (gin's added location lines joined in, its call notes dropped)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return "; ".join(line for line in lines if not line.startswith("In call to configurable"))
+
+
+def _fail(error: BaseException, workdir: str) -> None:
+  """Ends a run stopped by its settings or data: one line on stderr, exit code 2; the traceback goes
+  to WORKDIR/error.log (process 0; a workdir that cannot be written keeps it on stderr instead)."""
+  where = ""
+  try:
+    path = epath.Path(workdir) / "error.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(traceback.format_exception(error)))
+    where = f" (traceback in {path})"
+  except OSError:
+    traceback.print_exception(error)
+  _stop(f"{type(error).__name__}: {_one_line(error)}{where}")
+
+
+def _check_gin_files(files) -> None:
+  """Stops with one line when a --gin_file exists neither as given nor under the repository root."""
+  for name in files:
+    if not (os.path.exists(name) or os.path.exists(os.path.join(GIN_SEARCH_PATH, name))):
+      experiments = sorted(os.listdir(os.path.join(GIN_SEARCH_PATH, "gin_configs", "experiments")))
+      _stop(f"--gin_file={name} does not exist; experiments: "
+            + ", ".join(f"gin_configs/experiments/{e}" for e in experiments))
 
 
 def main(argv):
@@ -74,6 +110,7 @@ def main(argv):
     raise app.UsageError("--workdir is required: checkpoints and logs go there, and a run resumes "
                          "from it.")
   _check_workdir(WORKDIR.value)
+  _check_gin_files(GIN_FILES.value)
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
   try:
@@ -81,17 +118,20 @@ def main(argv):
                            host_names=HOSTS.value, timeout_s=TIMEOUT.value,
                            heartbeat_timeout_s=HEARTBEAT.value)
   except (distributed.StartupError, ValueError) as error:  # a message for the operator, no trace
-    raise SystemExit(f"motif_jax.train: {error}") from error
+    _stop(str(error))
   from motif_jax import trainer  # pylint: disable=import-outside-toplevel  (after the jax start)
   import jax  # pylint: disable=import-outside-toplevel
 
-  gin.add_config_file_search_path(GIN_SEARCH_PATH)
-  gin.parse_config_files_and_bindings(GIN_FILES.value, GIN_PARAMS.value)
-  if jax.process_index() == 0:
-    workdir = epath.Path(WORKDIR.value)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.gin").write_text(gin.config_str())
-  trainer.train(WORKDIR.value)
+  try:
+    gin.add_config_file_search_path(GIN_SEARCH_PATH)
+    gin.parse_config_files_and_bindings(GIN_FILES.value, GIN_PARAMS.value)
+    if jax.process_index() == 0:
+      workdir = epath.Path(WORKDIR.value)
+      workdir.mkdir(parents=True, exist_ok=True)
+      (workdir / "config.gin").write_text(gin.config_str())
+    trainer.train(WORKDIR.value)
+  except (ValueError, FileNotFoundError, trainer.NonFiniteError) as error:  # settings, data, divergence
+    _fail(error, WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def train(workdir: str, *,
     guard = _NonFiniteGuard(max_nonfinite_steps, skipped_before, plan.checked_leaf_names())
     preemption = checkpoint.PreemptionWatch()
     batches = _stacked([stream.batches(start=data_position) for stream in data_streams])
-    step = int(state.step)
+    step = start_step = int(state.step)
     if step >= num_steps and jax.process_index() == 0:
       print(f"nothing to train: the checkpoint is at step {step} and train.num_steps = {num_steps}; raise "
             "train.num_steps to train on, or pass a new --workdir to start over", flush=True)
@@ -156,6 +156,8 @@ def train(workdir: str, *,
       preemption.close()
       if writer:
         writer.close()
+  if jax.process_index() == 0 and reporter.history:
+    print(reporter.summary(start_step, ckpt.directory, guard.total), flush=True)
   return reporter.history
 
 
@@ -265,7 +267,8 @@ class _NonFiniteGuard:
 
 
 class _Reporter:
-  """Turns step metrics into the log line, TensorBoard scalars and the returned history."""
+  """Turns step metrics into the log line, TensorBoard scalars, the returned history and the summary
+  printed at the end."""
 
   def __init__(self, cfg, seq_len, batch_size, num_steps, peak_tflops_per_device, writer):
     self.flops_per_step = metrics.train_flops_per_token(cfg, seq_len) * batch_size * seq_len
@@ -274,7 +277,9 @@ class _Reporter:
     self.peak_total = peak * jax.device_count() if peak else None
     self.tokens_per_step = batch_size * seq_len
     self.num_steps, self.writer, self.history = num_steps, writer, []
-    self._last_time, self._last_step, self._step_times = time.perf_counter(), None, []
+    self._started = time.perf_counter()
+    self._last_time, self._last_step, self._step_times = self._started, None, []
+    self._said_no_peak = False
 
   def after_step(self, step: int, step_metrics, *, log: bool, skipped_steps: int = 0,
                  data_metrics: dict[str, float] | None = None) -> None:
@@ -309,8 +314,9 @@ class _Reporter:
       if self.peak_total:
         record["throughput/mfu"] = self.flops_per_step / step_time / self.peak_total
         line += f" | mfu {100 * record['throughput/mfu']:.1f}% (flops={metrics.FLOP_CONVENTION})"
-      else:
+      elif not self._said_no_peak:  # said once: the device has no known peak
         line += " | mfu n/a (no known peak for this device; set train.peak_tflops_per_device)"
+        self._said_no_peak = True
       line += f" | eta {metrics.format_duration((self.num_steps - step) * step_time)}"
     if data_metrics:  # mixture/target/<task>, mixture/realised/<task>; the console shows the realised
       record.update(data_metrics)
@@ -319,3 +325,15 @@ class _Reporter:
     self.history.append({"step": step, **record})
     if self.writer:
       self.writer.write(step, record, console=line)
+
+  def summary(self, start_step: int, checkpoint_dir: str, skipped_steps: int) -> str:
+    """One line for the end of a run that started at `start_step`: steps, tokens, time, final and
+    best logged loss, where the checkpoints are."""
+    first, last = start_step + 1, self.history[-1]["step"]
+    steps = last - start_step
+    best = min(self.history, key=lambda record: record["train/loss"])
+    return (f"trained steps {first}-{last} ({steps} steps, {steps * self.tokens_per_step:,} tokens) "
+            f"in {metrics.format_duration(time.perf_counter() - self._started)}; loss "
+            f"{self.history[-1]['train/loss']:.4f} at the end, best logged {best['train/loss']:.4f} "
+            f"(step {best['step']}); {skipped_steps} non-finite steps skipped; checkpoints in "
+            f"{checkpoint_dir}")

@@ -196,7 +196,9 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path):
 
 
 def test_a_workdir_that_is_a_file_stops_the_command_with_one_line(tmp_path):
-  """Before jax starts: one line naming --workdir and the fix, not a FileExistsError traceback."""
+  """Before jax starts: one line naming --workdir and the fix, exit code 2, not a FileExistsError
+  traceback; so do a --gin_file that does not exist and a setting that cannot work (whose traceback
+  goes to WORKDIR/error.log)."""
   a_file, in_the_way = tmp_path / "notes.txt", tmp_path / "run"
   a_file.write_text("not a directory")
   in_the_way.mkdir()
@@ -205,14 +207,20 @@ def test_a_workdir_that_is_a_file_stops_the_command_with_one_line(tmp_path):
            (a_file / "run", f"--workdir={a_file / 'run'} cannot be created: {a_file} is a file"),
            (in_the_way, f"--workdir={in_the_way} holds a file named 'checkpoints' where the run "
                         "keeps its checkpoints directory; move that file away")]
-  for workdir, message in cases:
-    command = [sys.executable, "-m", "motif_jax.train",
-               "--gin_file=gin_configs/experiments/smoke.gin", f"--workdir={workdir}"]
+  smoke = "--gin_file=gin_configs/experiments/smoke.gin"
+  cases = [([smoke, f"--workdir={w}"], m) for w, m in cases] + [
+      (["--gin_file=gin_configs/experiments/no_such.gin", f"--workdir={tmp_path / 'a'}"],
+       "--gin_file=gin_configs/experiments/no_such.gin does not exist; experiments: "),
+      ([smoke, "--gin_param=train.mesh_shape=(3, -1, 1)", f"--workdir={tmp_path / 'b'}"],
+       "ValueError: mesh_shape=(3, -1, 1): the fixed axes (3 devices) do not divide")]
+  for args, message in cases:
+    command = [sys.executable, "-m", "motif_jax.train"] + args
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.startswith(f"motif_jax.train: {message}"), result.stderr[-3000:]
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
   assert a_file.read_text() == "not a directory" and not (in_the_way / "logs").exists()
+  assert "Traceback" in (tmp_path / "b" / "error.log").read_text()
 
 
 def test_interrupted_checkpoints_are_never_taken_as_latest(tmp_path):
