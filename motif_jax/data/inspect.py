@@ -1,6 +1,6 @@
 """Look at a run's data before training on it.
 
-    python -m motif_jax.data.inspect --gin_file=gin_configs/experiments/curriculum_embedded.gin \\
+    python -m motif_jax.data.inspect --gin_file=gin_configs/experiments/curriculum_smoke.gin \\
         [--gin_param=...] [--batch_size=16 --seq_len=2048] [--batches=50]
 
 reads the data settings the trainer would use (train.batch_size, train.seq_len, train.seed,
@@ -25,6 +25,9 @@ from motif_jax import train as train_cli  # defines --gin_file and --gin_param
 from motif_jax.data import examples as examples_lib
 from motif_jax.data.config import DataConfig, gin_value
 from motif_jax.data.pipeline import TrainData, make_train_data
+
+flags.declare_key_flag("gin_file")  # listed by --help with this module's own flags
+flags.declare_key_flag("gin_param")
 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global rows per batch (default: train.batch_size).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Tokens per row (default: train.seq_len).")

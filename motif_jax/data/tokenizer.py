@@ -25,6 +25,9 @@ from absl import app, flags
 from motif_jax import train as train_cli  # defines --gin_file and --gin_param
 from motif_jax.data import config, sources, vocabulary
 
+flags.declare_key_flag("gin_file")  # listed by --help with this module's own flags
+flags.declare_key_flag("gin_param")
+
 
 def _documents(curriculum: config.Curriculum, max_chars_per_task: int) -> Iterator[str]:
   """Documents of each task, every stride-th first so that the cap still spans the source."""

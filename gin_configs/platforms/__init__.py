@@ -1,0 +1,1 @@
+"""Gin files (package data)."""
