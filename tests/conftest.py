@@ -26,3 +26,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
       if item.get_closest_marker(platform) is not None:
         item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def devices():
+  """The 8 simulated CPU devices. Under JAX_PLATFORMS=cuda (the suite run on a GPU) the tests that take them
+  skip: they need the simulated mesh."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("needs the 8 simulated CPU devices; run with JAX_PLATFORMS=cpu")
+  assert len(jax.devices()) == 8, "tests/conftest.py must run before jax initialises its backend"
+  return jax.devices()

@@ -171,18 +171,18 @@ def _abstract_state(cfg: ModelConfig, rules: Rules | None = None):
 
 def abstract_params(cfg: ModelConfig):
   """Parameters as a nested dict of `jax.ShapeDtypeStruct`."""
-  return _abstract_state(cfg)[1].to_pure_dict()
+  return nnx.to_pure_dict(_abstract_state(cfg)[1])
 
 
 def param_logical_axes(cfg: ModelConfig):
   """The parameters' logical axis names: a nested dict (same structure) of PartitionSpecs."""
-  return nnx.get_partition_spec(_abstract_state(cfg)[1]).to_pure_dict()
+  return nnx.to_pure_dict(nnx.get_partition_spec(_abstract_state(cfg)[1]))
 
 
 def split_model(model: MotifForCausalLM):
   """(graphdef, params as a nested dict of arrays) — the functional form the trainer uses."""
   graphdef, state = nnx.split(model, nnx.Param)
-  return graphdef, state.to_pure_dict()
+  return graphdef, nnx.to_pure_dict(state)
 
 
 def init_params(cfg: ModelConfig, seed: int, shardings=None, rules: Rules | None = None):
