@@ -1,6 +1,6 @@
 """Model configurations of the Motif-2 family and their exact parameter counts.
 
-A `ModelConfig` is a frozen description of one architecture (SPEC.md section 1). Presets are looked
+A `ModelConfig` is a frozen description of one architecture (docs/model.md). Presets are looked
 up by name with `get_model_config`; `count_params` counts parameters from the model's abstract
 initialisation (`jax.eval_shape`), so no memory is allocated even for the 12.7B model.
 """
@@ -94,7 +94,7 @@ class ModelConfig:
     return "auto" if self.pallas_backend == "auto" else f"pallas_{self.pallas_backend}"
 
   def lambda_init(self, layer_index):
-    """lambda_init of the 0-based layer index, as the released weights expect (SPEC.md section 2)."""
+    """lambda_init of the 0-based layer index, as the released weights expect (docs/model.md)."""
     import jax.numpy as jnp  # local: configs stay importable without jax
 
     return 0.8 - 0.6 * jnp.exp(-0.3 * (layer_index - 1))

@@ -1,4 +1,4 @@
-"""Fused Grouped Differential Attention (GDA) flash kernels (SPEC.md section 2).
+"""Fused Grouped Differential Attention (GDA) flash kernels (docs/kernels.md; the layer: docs/model.md).
 
 Per KV group g the layer has `S` signal query heads q1_{g,j}, one noise query head q2_g, a signal key
 k1_g, a noise key k2_g and one value V_g = [v1_g, v2_g] of width 2 * head_dim. With
@@ -23,7 +23,9 @@ S signal heads in-kernel; dv = dv(signal map) + dv(noise map) is summed by autod
 The max logits are the online softmax's final running max per query row (no extra pass over keys).
 
 Backends (`impl`):
-  "reference"   plain jnp, float32 softmax, explicit masks; the test oracle.
+  "reference"   plain jnp, float32 softmax, explicit masks (`gda_attention_reference`): float32 dots at
+                HIGHEST precision, the test oracle; with `exact=False`, dots in the inputs' dtype with
+                float32 accumulation, as XLA runs attention (the model's attention_impl="reference").
   "pallas_tpu"  Pallas Mosaic TPU kernels, head-major layout ([B, G, H, T, D], transposed in here).
   "pallas_gpu"  Pallas GPU kernels lowered through Triton, on the caller's [B, T, G, H, D] layout (no
                 copies unless T needs padding).
@@ -36,11 +38,10 @@ Backends (`impl`):
                 [B, 1, T, T] mask, which cuDNN runs much slower than its causal mask.
   "auto"        TPU -> "pallas_tpu", GPU -> "pallas_gpu", anything else -> "reference".
 
-Sharding: every group is independent, so the group axis G (the axis the `tensor` mesh axis shards) can
-be split with `jax.shard_map(..., in_specs=P(None, None, "tensor"), check_vma=False)` around
-`gda_attention` with no communication (`check_vma=False`: the Pallas calls declare no varying mesh
-axes): outputs shard the same way, lse on their axis 1 and `max_logits` [G, S+1] on its axis 0. If the
-batch is sharded too, take a `lax.pmax` of `max_logits` over the batch axes.
+Sharding (`gda_attention_sharded`): every group is independent, so the batch axis B and the group axis
+G (the one the `tensor` mesh axis shards) split over devices with no communication: each device runs
+`gda_attention` on its rows and groups under `jax.shard_map` (`check_vma=False`: the Pallas calls declare
+no varying mesh axes), and `max_logits` [G, S+1] takes a `lax.pmax` over the batch axes.
 
 Speed (H200, 12.7B layout G=8 S=4 D=128, B=2, T=4096, bf16; bench/kernels_gda.py): the Triton kernels
 run the forward in ~1.5 ms (about 340 TFLOP/s, under cuDNN's four calls at ~1.7 ms, over tokamax's two
@@ -64,6 +65,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec as P
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully masked tiles never give inf - inf
 LOG2E = math.log2(math.e)
@@ -92,12 +94,12 @@ class GdaOutput(NamedTuple):
 def gda_attention(q_signal, q_noise, k_signal, k_noise, value, *, segment_ids=None, causal=True,
                   scale=None, impl="auto", block_q=None, block_k=None, block_q_dq=None,
                   block_k_dq=None, block_q_dkv=None, block_k_dkv=None, num_warps=None,
-                  num_warps_dq=None, num_warps_dkv=None, num_stages=None,
-                  interpret=None) -> GdaOutput:
+                  num_warps_dq=None, num_warps_dkv=None, num_stages=None, interpret=None,
+                  exact=True) -> GdaOutput:
   """Grouped Differential Attention: both softmax maps of every KV group against the shared value.
 
   Args:
-    q_signal: [B, T, G, S, D] signal query heads (S per group; SPEC: S=4, D=128).
+    q_signal: [B, T, G, S, D] signal query heads (S per group; the 12.7B: S=4, D=128).
     q_noise: [B, T, G, D] the noise query head of each group.
     k_signal: [B, T, G, D] signal key k1, shared by the group's S signal heads.
     k_noise: [B, T, G, D] noise key k2.
@@ -118,6 +120,7 @@ def gda_attention(q_signal, q_noise, k_signal, k_noise, value, *, segment_ids=No
       num_stages: Triton pipeline stages of all three (default 2).
     interpret: run the Pallas kernels in interpret mode. Default: on when the backend does not match
       the kernel (TPU kernel -> `pltpu.InterpretParams()`, GPU kernel -> `True`).
+    exact: impl="reference" only, see `gda_attention_reference`.
 
   Returns:
     `GdaOutput(signal, noise, lse_signal, lse_noise, max_logits)`, shapes in its docstring. Gradients
@@ -132,7 +135,7 @@ def gda_attention(q_signal, q_noise, k_signal, k_noise, value, *, segment_ids=No
     segment_ids = segment_ids.astype(jnp.int32)
   if impl == "reference":
     return gda_attention_reference(q_signal, q_noise, k_signal, k_noise, value,
-                                   segment_ids=segment_ids, causal=causal, scale=scale)
+                                   segment_ids=segment_ids, causal=causal, scale=scale, exact=exact)
   if impl == "cudnn":
     return _gda_cudnn(q_signal, q_noise, k_signal, k_noise, value, segment_ids, causal, scale)
 
@@ -178,25 +181,78 @@ def gda_attention(q_signal, q_noise, k_signal, k_noise, value, *, segment_ids=No
   return GdaOutput(signal, noise, lse_signal[..., :seq_len], lse_noise[:, :, 0, :seq_len], max_logits)
 
 
+def gda_attention_sharded(q_signal, q_noise, k_signal, k_noise, value, *, mesh,
+                          batch_axes=("data", "fsdp"), group_axes=("tensor",), segment_ids=None,
+                          impl="auto", **kwargs) -> GdaOutput:
+  """`gda_attention` with the batch B split over the mesh axes `batch_axes` and the groups G over
+  `group_axes`: each device runs `gda_attention` on its rows and groups (no communication), and the
+  max logits are `pmax`ed over `batch_axes`. Equal to the unsharded result.
+
+  With no mesh, an empty one or a single device, this is `gda_attention`. impl="reference" runs the
+  plain reference on the whole arrays and leaves the split to the partitioner.
+
+  Args:
+    q_signal, q_noise, k_signal, k_noise, value, segment_ids: as in `gda_attention`, with B divisible
+      by the size of `batch_axes` and G by that of `group_axes`.
+    mesh: a `Mesh`, the `AbstractMesh` of `jax.sharding.get_abstract_mesh()` under jit, or None.
+    batch_axes, group_axes: mesh axis names; empty: that axis is not split.
+    impl, kwargs: as in `gda_attention`.
+
+  Returns:
+    `GdaOutput` as from `gda_attention`: signal, noise, lse_signal and lse_noise split over
+    `batch_axes` (axis 0) and `group_axes` (their G axis), max_logits [G, S + 1] over `group_axes`.
+  """
+  attend = functools.partial(gda_attention, impl=impl, **kwargs)
+  if mesh is None or mesh.empty or mesh.size == 1 or _resolve_impl(impl) == "reference":
+    return attend(q_signal, q_noise, k_signal, k_noise, value, segment_ids=segment_ids)
+  batch, groups = tuple(batch_axes) or None, tuple(group_axes) or None
+  batch_shards = math.prod(mesh.shape[name] for name in batch or ())
+  group_shards = math.prod(mesh.shape[name] for name in groups or ())
+  if q_signal.shape[0] % batch_shards or q_signal.shape[2] % group_shards:
+    raise ValueError(
+        f"gda_attention_sharded: q_signal {q_signal.shape} needs B divisible by {batch_shards} (mesh "
+        f"axes {batch}) and G by {group_shards} (mesh axes {groups}); pad the batch or change the mesh.")
+  packed = segment_ids is not None
+
+  def per_shard(*operands):
+    out = attend(*operands[:5], segment_ids=operands[5] if packed else None)
+    return out._replace(max_logits=lax.pmax(out.max_logits, batch) if batch else out.max_logits)
+
+  heads, signal = P(batch, None, groups, None), P(batch, None, groups, None, None)
+  in_specs = (signal,) + (heads,) * 4 + ((P(batch, None),) if packed else ())
+  out_specs = GdaOutput(signal, heads, P(batch, groups, None, None), P(batch, groups, None),
+                        P(groups, None))
+  operands = (q_signal, q_noise, k_signal, k_noise, value) + ((segment_ids,) if packed else ())
+  return jax.shard_map(per_shard, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)(*operands)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Reference (pure jnp) and cuDNN composition.
 
 
 def gda_attention_reference(q_signal, q_noise, k_signal, k_noise, value, *, segment_ids=None,
-                            causal=True, scale=None) -> GdaOutput:
-  """Plain jnp GDA, float32 throughout: materialises the [B, G, H, T, T] logits. Same contract as
-  `gda_attention`; gradients come from autodiff."""
+                            causal=True, scale=None, exact=True) -> GdaOutput:
+  """Plain jnp GDA with float32 logits and softmax: materialises the [B, G, H, T, T] logits. Same
+  contract as `gda_attention`; gradients come from autodiff.
+
+  exact: True (the tests' oracle): float32 operands and HIGHEST-precision dots throughout. False: the
+    dots take the inputs' dtype with float32 accumulation of the logits, and the probabilities are cast
+    to the value's dtype for A V, as XLA runs attention (fast on tensor cores; the model's
+    attention_impl="reference"). For float32 inputs the two differ only in the dots' precision.
+  """
   head_dim = q_signal.shape[-1]
   scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
   mask = _reference_mask(q_signal.shape[1], segment_ids, causal)
-  value32 = value.astype(jnp.float32)
+  value_operand = value.astype(jnp.float32) if exact else value
+  precision = lax.Precision.HIGHEST if exact else None
 
   def one_map(q, k):  # q [B, T, G, H, D], k [B, T, G, D]
-    logits = _reference_logits(q, k, mask, scale)  # [B, G, H, T, T]
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    probs = jnp.exp(logits - lse[..., None])
-    out = jnp.einsum("bghtu,buge->btghe", probs, value32, precision=lax.Precision.HIGHEST)
-    return out.astype(value.dtype), lse, jnp.max(logits, axis=(0, 3, 4))
+    logits = _reference_logits(q, k, mask, scale, exact)  # [B, G, H, T, T]
+    probs = jax.nn.softmax(logits, axis=-1).astype(value_operand.dtype)
+    out = jnp.einsum("bghtu,buge->btghe", probs, value_operand, precision=precision)
+    return (out.astype(value.dtype), jax.nn.logsumexp(logits, axis=-1),
+            jnp.max(logits, axis=(0, 3, 4)))
 
   signal, lse_signal, max_signal = one_map(q_signal, k_signal)
   noise, lse_noise, max_noise = one_map(q_noise[:, :, :, None, :], k_noise)

@@ -2,7 +2,8 @@
 
     PolyNorm(z) = w0 * N(z^3) + w1 * N(z^2) + w2 * N(z) + b,    N(u) = u / sqrt(mean(u^2, last axis) + eps)
 
-computed in float32 (the `* up` product too) and cast to the input dtype once (SPEC.md section 3).
+computed in float32 (the `* up` product too) and cast to the input dtype once (docs/model.md; the kernels:
+docs/kernels.md).
 
 Inside the kernels the polynomial is indexed by power k = 0..3 of z:
   * coef [4] = (b, w2, w1, w0), the coefficient of z^k;
@@ -799,7 +800,7 @@ def mul_polynorm(gate, up, weight, bias, *, eps: float = 1e-6, impl: str = "auto
   return out.reshape(gate.shape)
 
 
-def mul_polynorm_sharded(gate, up, weight, bias, *, mesh: jax.sharding.Mesh, axis: str = "tensor",
+def mul_polynorm_sharded(gate, up, weight, bias, *, mesh: jax.sharding.Mesh | None, axis: str = "tensor",
                          batch_axes: tuple[str, ...] = ("data", "fsdp"), eps: float = 1e-6, impl: str = "auto",
                          interpret: bool = False, split: bool | None = None, block_rows: int | None = None,
                          block_cols: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
@@ -808,13 +809,15 @@ def mul_polynorm_sharded(gate, up, weight, bias, *, mesh: jax.sharding.Mesh, axi
   Each device runs the statistics kernel on its features, the per-row sums of z^2, z^4, z^6 are psummed over
   `axis`, then the apply kernel normalises; the backward does the same with the grad sums. Equal to the
   unsharded result. When `axis` has one device, the rows are whole and each device runs the fused kernels of
-  `mul_polynorm` instead. impl="reference" runs the plain reference and lets the partitioner reduce the mean;
-  with features split, "pallas_gpu" runs the Triton kernels.
+  `mul_polynorm` instead. With no mesh, an empty one or a single device (and `split` not True), this is
+  `mul_polynorm`. impl="reference" runs the plain reference and lets the partitioner reduce the mean; with
+  features split, "pallas_gpu" runs the Triton kernels.
 
   Args:
     gate, up: [batch, ..., features]; batch divisible by the size of batch_axes, features by that of axis.
     weight [3], bias [1]: replicated.
-    mesh: the device mesh; axis, batch_axes: its axis names.
+    mesh: a `Mesh`, the `AbstractMesh` of `jax.sharding.get_abstract_mesh()` under jit, or None; axis,
+      batch_axes: its axis names.
     split: run the statistics and apply kernels with the psum between them; None (the default): when `axis` has
       more than one device. True on one device tests and times that path there. Other arguments as in
       `mul_polynorm`.
@@ -822,6 +825,9 @@ def mul_polynorm_sharded(gate, up, weight, bias, *, mesh: jax.sharding.Mesh, axi
     [batch, ..., features] in gate's dtype, sharded like gate.
   """
   _check_inputs(gate, up, weight, bias)
+  kernel_options = dict(block_rows=block_rows, block_cols=block_cols, num_warps=num_warps, num_stages=num_stages)
+  if mesh is None or mesh.empty or (mesh.size == 1 and not split):
+    return mul_polynorm(gate, up, weight, bias, eps=eps, impl=impl, interpret=interpret, **kernel_options)
   split = mesh.shape[axis] > 1 if split is None else split
   impl = _resolve_impl("mul_polynorm_sharded", impl, gate, interpret, split, block_cols=block_cols,
                        num_warps=num_warps, num_stages=num_stages)
@@ -834,7 +840,6 @@ def mul_polynorm_sharded(gate, up, weight, bias, *, mesh: jax.sharding.Mesh, axi
         f"mul_polynorm_sharded: gate {gate.shape} needs its first dim divisible by {batch_shards} "
         f"(mesh axes {batch_axes}) and its last by {mesh.shape[axis]} (mesh axis {axis!r}); pad the batch or "
         "change the mesh")
-  cfg = _Config(impl=impl, eps=eps, features=gate.shape[-1], interpret=interpret, block_rows=block_rows,
-                block_cols=block_cols, num_warps=num_warps, num_stages=num_stages)
+  cfg = _Config(impl=impl, eps=eps, features=gate.shape[-1], interpret=interpret, **kernel_options)
   layout = _Layout(mesh=mesh, axis=axis, batch_axes=batch_axes, ndim=gate.ndim, split=split)
   return _mul_polynorm_sharded(cfg, layout, gate, up, _coef(weight, bias))

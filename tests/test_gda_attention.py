@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.gda_attention import GdaOutput, gda_attention, gda_attention_reference
+from pallas_kernels.gda_attention import (GdaOutput, gda_attention, gda_attention_reference,
+                                          gda_attention_sharded)
 
 on_gpu = pytest.mark.gpu  # compiled kernels: the GPU tier (tests/conftest.py skips it elsewhere)
 on_cpu = pytest.mark.skipif(jax.default_backend() != "cpu",
@@ -154,22 +154,44 @@ def test_tpu_kernel_interpret_ratio_one_bfloat16_not_causal():
 
 
 @on_cpu
-def test_shard_map_over_groups_matches_unsharded(devices):
-  """Groups are independent: sharding G over 8 devices (one group each) changes nothing."""
-  inputs, segment_ids = make_inputs(5, seq_len=32, groups=8, signal_heads=2)
-  attend = functools.partial(gda_attention, impl="pallas_gpu", block_q=16, block_k=16,
+def test_sharded_matches_unsharded(devices):
+  """gda_attention_sharded: rows over `data` (2 ways), groups over `tensor` (4 ways, one group each):
+  outputs, max logits (pmax over the rows) and gradients equal the unsharded kernels'."""
+  inputs, segment_ids = make_inputs(5, batch=2, seq_len=32, groups=4, signal_heads=2)
+  mesh = jax.make_mesh((2, 1, 4), ("data", "fsdp", "tensor"), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  kernel = dict(impl="pallas_gpu", block_q=16, block_k=16, interpret=True)
+  sharded = functools.partial(gda_attention_sharded, segment_ids=segment_ids, mesh=mesh,
+                              batch_axes=("data", "fsdp"), group_axes=("tensor",), **kernel)
+  out, grads = outputs_and_grads(sharded, inputs)
+  want, want_grads = outputs_and_grads(
+      functools.partial(gda_attention, segment_ids=segment_ids, **kernel), inputs)
+  assert out.signal.sharding.shard_shape(out.signal.shape) == (1, 32, 1, 2, 64)
+  assert out.max_logits.sharding.shard_shape(out.max_logits.shape) == (1, 3)
+  for name, got, expected in zip(GdaOutput._fields, out, want):
+    assert_close(got, expected, 1e-6, name)
+  for name, got, expected in zip(("dq_signal", "dq_noise", "dk_signal", "dk_noise", "dvalue"),
+                                 grads, want_grads):
+    assert_close(got, expected, 1e-6, name)
+
+
+@on_cpu
+def test_sharded_without_a_mesh_to_split_is_gda_attention(devices):
+  """No mesh, a one-device mesh, or impl="reference": no shard_map, the plain `gda_attention` call."""
+  inputs, segment_ids = make_inputs(6, seq_len=16, groups=2, signal_heads=2)
+  one_device = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=devices[:1],
+                             axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  eight = jax.make_mesh((2, 1, 4), ("data", "fsdp", "tensor"), devices=devices,
+                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  for mesh, impl in ((None, "pallas_gpu"), (one_device, "pallas_gpu"), (eight, "reference")):
+    call = functools.partial(gda_attention_sharded, segment_ids=segment_ids, mesh=mesh, impl=impl,
                              interpret=True)
-  mesh = jax.sharding.Mesh(np.array(devices), ("tensor",))
-  group_specs = GdaOutput(P(None, None, "tensor"), P(None, None, "tensor"), P(None, "tensor"),
-                          P(None, "tensor"), P("tensor"))
-  sharded = jax.shard_map(lambda *args: attend(*args[:5], segment_ids=args[5]), mesh=mesh,
-                          in_specs=(P(None, None, "tensor"),) * 5 + (P(),), out_specs=group_specs,
-                          check_vma=False)  # the Triton pallas_call declares no varying axes
-  out = compile_and_run(sharded, *inputs, segment_ids)
-  expected = compile_and_run(lambda *args: attend(*args[:5], segment_ids=args[5]), *inputs,
-                             segment_ids)
-  for name, got, want in zip(GdaOutput._fields, out, expected):
-    assert_close(got, want, 1e-6, name)
+    assert "shard_map" not in str(jax.make_jaxpr(call)(*inputs)), (mesh, impl)
+  model_reference = functools.partial(gda_attention_sharded, segment_ids=segment_ids, mesh=None,
+                                      impl="reference", exact=False)
+  oracle = functools.partial(gda_attention_reference, segment_ids=segment_ids)
+  for got, want in zip(compile_and_run(model_reference, *inputs), compile_and_run(oracle, *inputs)):
+    np.testing.assert_array_equal(got, want)  # float32 with HIGHEST default precision (conftest)
 
 
 # --- Compiled kernels on a GPU. ---

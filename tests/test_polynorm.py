@@ -6,6 +6,8 @@ and Triton kernels run instead and the interpret tests are skipped. Reference gr
 reference, which has no custom VJP.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,6 +165,20 @@ def test_sharded_with_whole_rows_runs_the_fused_kernels():
 
 
 @on_cpu
+def test_sharded_without_a_mesh_to_split_is_mul_polynorm(devices):
+  """No mesh or a one-device mesh: `mul_polynorm`, no shard_map; split=True still runs the split kernels."""
+  args, _ = random_inputs((2, 3, 256), jnp.float32, seed=7)
+  one_device = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=devices[:1],
+                             axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  want = mul_polynorm(*args, impl="pallas_gpu", interpret=True)
+  for mesh, split in ((None, None), (one_device, None), (one_device, True)):
+    sharded = functools.partial(mul_polynorm_sharded, mesh=mesh, impl="pallas_gpu", interpret=True, split=split)
+    jaxpr = str(jax.make_jaxpr(sharded)(*args))
+    assert ("shard_map" in jaxpr) == bool(split) and ("polynorm_power_sums" in jaxpr) == bool(split), split
+    np.testing.assert_allclose(jax.jit(sharded)(*args), want, rtol=1e-6, atol=1e-6)
+
+
+@on_cpu
 def test_sharded_rejects_indivisible_shapes(mesh):
   (gate, up, weight, bias), _ = random_inputs((4, 3, 510), jnp.float32)
   with pytest.raises(ValueError, match="mesh axis 'tensor'"):
@@ -215,9 +231,12 @@ def test_compiled_gpu_split_kernels_match_reference():
 
 @on_gpu
 def test_compiled_gpu_sharded_whole_rows():
-  """mul_polynorm_sharded on a one-device mesh: whole rows, so the Mosaic GPU kernels run under shard_map."""
+  """mul_polynorm_sharded on a one-device mesh (the model on one GPU): whole rows, `mul_polynorm`'s Mosaic GPU
+  kernels, no shard_map."""
   mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1],
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   args, cotangent = random_inputs((4, 100, 4096), jnp.bfloat16, seed=6)
+  jaxpr = str(jax.make_jaxpr(lambda *a: mul_polynorm_sharded(*a, mesh=mesh))(*args))
+  assert "polynorm_forward_mosaic_gpu" in jaxpr and "shard_map" not in jaxpr
   got = value_and_grads(lambda *a: mul_polynorm_sharded(*a, mesh=mesh), args, cotangent)
   assert_all_close(got, reference_values(args, cotangent), jnp.bfloat16)

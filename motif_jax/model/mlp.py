@@ -1,8 +1,8 @@
-"""The PolyNorm-gated MLP: `down(PolyNorm(gate(x)) * up(x))` (SPEC.md section 3).
+"""The PolyNorm-gated MLP: `down(PolyNorm(gate(x)) * up(x))` (docs/model.md).
 
-`PolyNorm(gate) * up` runs in float32 over the full intermediate axis, either as plain jnp
-(`mlp_impl="reference"`) or as the fused Pallas kernel (`mlp_impl="pallas"`), both from
-`pallas_kernels.polynorm`.
+`PolyNorm(gate) * up` runs in float32 over the full intermediate axis, in one call of
+`pallas_kernels.polynorm.mul_polynorm_sharded`: plain jnp (`mlp_impl="reference"`) or the fused Pallas
+kernels (`mlp_impl="pallas"`), per shard with the row sums reduced over the tensor axis.
 """
 
 from __future__ import annotations
@@ -39,22 +39,12 @@ class PolyNormMLP(nnx.Module):
       gate = constrain(gate, ("batch", "act_length", "act_mlp"), self.rules)
       up = constrain(up, ("batch", "act_length", "act_mlp"), self.rules)
     with jax.named_scope("polynorm"):
-      weight, bias = self.polynorm_weight[...], self.polynorm_bias[...]
-      if self.cfg.mlp_impl == "pallas":
-        hidden = self._fused_polynorm(gate, up, weight, bias)
-      else:
-        hidden = polynorm.mul_polynorm_reference(gate, up, weight, bias, eps=self.cfg.norm_eps)
+      cfg, rules = self.cfg, self.rules or DEFAULT_RULES
+      hidden = polynorm.mul_polynorm_sharded(
+          gate, up, self.polynorm_weight[...], self.polynorm_bias[...],
+          mesh=jax.sharding.get_abstract_mesh(), axis=(mesh_axes("act_mlp", rules) or ("tensor",))[0],
+          batch_axes=mesh_axes("batch", rules), eps=cfg.norm_eps,
+          impl=cfg.pallas_impl if cfg.mlp_impl == "pallas" else "reference",
+          interpret=cfg.pallas_interpret)
     with jax.named_scope("mlp_matmuls"):
       return jnp.einsum("btf,fd->btd", hidden, self.w_down[...].astype(dt))
-
-  def _fused_polynorm(self, gate, up, weight, bias):
-    """The Pallas kernel; under a multi-device mesh, per shard with the row sums reduced over tensor."""
-    cfg = self.cfg
-    kernel_args = dict(eps=cfg.norm_eps, impl=cfg.pallas_impl, interpret=cfg.pallas_interpret)
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-      return polynorm.mul_polynorm(gate, up, weight, bias, **kernel_args)
-    rules = self.rules or DEFAULT_RULES
-    feature_axes = mesh_axes("act_mlp", rules) or ("tensor",)
-    return polynorm.mul_polynorm_sharded(gate, up, weight, bias, mesh=mesh, axis=feature_axes[0],
-                                         batch_axes=mesh_axes("batch", rules), **kernel_args)
