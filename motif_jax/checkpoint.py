@@ -1,9 +1,10 @@
 """Checkpoints: orbax async saves every N steps, keep K, resume from the workdir, save on preemption.
 
-A checkpoint holds the whole TrainState (params, optimizer state, step, RNG) and a JSON record
-with the step and the data position. Orbax writes each step into a temporary directory and renames
-it when complete, so a save that a crash interrupts never appears as a step; `latest_complete_step`
-also ignores any step directory that lacks orbax's completion metadata. `restore_latest` skips a
+A checkpoint holds the whole TrainState (step, params, optimizer state) and a JSON record with the
+step and the data position. Orbax writes each step into a temporary directory and renames it when
+complete, so a save that a crash interrupts never appears as a step; `latest_complete_step` also
+ignores any step directory that orbax does not report finalised (`ocp.step.is_path_finalized`) or
+whose step metadata (`ocp.metadata.get_step_metadata`) records no commit of a `state` item. `restore_latest` skips a
 newest checkpoint that is incomplete, cannot be read back or holds non-finite values, and moves it
 aside (renamed `<step>.corrupt-<UTC time>`, never deleted; the warning names both paths), so that
 the run can save that step anew.
@@ -61,7 +62,7 @@ class Checkpointer:
     for step in sorted(self._all_steps(), reverse=True):
       path = self._step_path(step)
       if _on_any_process(not _is_complete(path)):
-        self._move_aside(step, "it is incomplete (no _CHECKPOINT_METADATA or no state)")
+        self._move_aside(step, "it is incomplete (orbax did not finalise it)")
         continue
       restored, problem = self._try_restore(step, abstract_state)
       if _on_any_process(problem is not None):
@@ -189,8 +190,15 @@ def _on_any_process(flag: bool) -> bool:
 
 
 def _is_complete(step_dir: epath.Path) -> bool:
-  """A step directory counts only with its metadata and state; orbax writes both before finalising."""
-  return (step_dir / "_CHECKPOINT_METADATA").exists() and (step_dir / "state").exists()
+  """Whether orbax finalised the step: not a temporary path, and step metadata recording the commit
+  of a `state` item (on a file system without atomic renames a step directory shows up first)."""
+  if not ocp.step.is_path_finalized(step_dir):
+    return False
+  try:
+    metadata = ocp.metadata.get_step_metadata(step_dir)
+  except Exception:  # pylint: disable=broad-except  (missing or unreadable: never finalised)
+    return False
+  return metadata.commit_timestamp_nsecs is not None and "state" in (metadata.item_handlers or {})
 
 
 def abstract_like(tree, shardings):

@@ -3,8 +3,10 @@
 `initialize(...)` picks one of three cases:
 - explicit: `coordinator_address`, `num_processes` and `process_id` are given (the `motif_jax.train`
   flags, or the MOTIF_* environment variables behind them): GPU hosts, CPU clusters, tests;
-- a Cloud TPU VM slice of several workers: jax's own cluster detection supplies the three values;
-- otherwise one process: nothing to start.
+- a TPU slice that names its workers in TPU_WORKER_HOSTNAMES and TPU_WORKER_ID (GKE sets them; on
+  a TPU VM they can be exported), one slice: the rendezvous below, then jax's own detection;
+- otherwise `jax.distributed.initialize()`'s own detection (Cloud TPU, Slurm, Open MPI), without
+  the rendezvous; where it finds no cluster, one process: nothing to start.
 
 When a host never joins, jax's coordination service aborts every other process with a bare
 `DEADLINE_EXCEEDED` that does not say which host is missing. So before jax starts it, every process
@@ -17,6 +19,7 @@ Process 0 closes the rendezvous before jax's service binds the same port.
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 import time
 from typing import Sequence
@@ -44,7 +47,8 @@ class Cluster:
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, host_names: Sequence[str] = (),
                timeout_s: int = 300, heartbeat_timeout_s: int = 100) -> Cluster | None:
-  """Starts jax's distributed runtime when this is a multi-host run; returns its `Cluster` or None.
+  """Starts jax's distributed runtime when this is a multi-host run; returns its `Cluster`, or None
+  for one process and for a run that jax's detection started (then see `jax.process_count()`).
 
   Call before any other jax call. `heartbeat_timeout_s` is how long the others wait for a host that
   stopped answering (a lost machine) before jax ends them too, so that a restart can resume.
@@ -52,19 +56,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   cluster = _explicit_cluster(coordinator_address, num_processes, process_id, host_names)
   auto = cluster is None
   if auto:
-    try:
-      cluster = _tpu_slice(timeout_s)
-    except _DetectionChanged as error:
-      logging.warning("Could not read the TPU slice layout (%s); starting jax.distributed without "
-                      "the rendezvous that names missing hosts.", error)
-      jax.distributed.initialize(initialization_timeout=timeout_s,
-                                 heartbeat_timeout_seconds=heartbeat_timeout_s)
-      _quiet_other_processes()
-      return None
-  if cluster is None or cluster.num_processes == 1:
+    cluster = _tpu_slice_from_environment()
+    if cluster is None:
+      return _detected_by_jax(timeout_s, heartbeat_timeout_s)
+  if cluster.num_processes == 1:
     return None
   rendezvous(cluster, timeout_s=timeout_s)
-  if auto:  # let jax repeat its own detection, which also finds multislice settings
+  if auto:  # jax detects the same slice itself (and settings this module does not read)
     jax.distributed.initialize(initialization_timeout=timeout_s,
                                heartbeat_timeout_seconds=heartbeat_timeout_s)
   else:
@@ -102,27 +100,37 @@ def _explicit_cluster(coordinator_address, num_processes, process_id, host_names
   return Cluster(coordinator_address, num_processes, process_id, tuple(host_names))
 
 
-class _DetectionChanged(Exception):
-  """jax's private TPU cluster detection is not where this module expects it."""
+TPU_COORDINATOR_PORT = 8476  # jax's coordinator port on TPU slices (JAX_COORDINATOR_PORT overrides)
 
 
-def _tpu_slice(timeout_s: int) -> Cluster | None:
-  """The Cloud TPU VM slice this process runs on, through jax's cluster detection, or None."""
-  try:  # jax keeps these private
-    from jax._src import cloud_tpu_init, clusters  # pylint: disable=import-outside-toplevel
-    on_tpu_vm = cloud_tpu_init.running_in_cloud_tpu_vm
-  except (ImportError, AttributeError):
-    return None  # cannot tell: start as one process, as before multi-host support
-  if not on_tpu_vm:
+def _tpu_slice_from_environment() -> Cluster | None:
+  """The TPU slice named by TPU_WORKER_HOSTNAMES (comma-separated, in worker order) and
+  TPU_WORKER_ID, coordinated by its first worker as jax does; None when they are unset or when
+  MEGASCALE_COORDINATOR_ADDRESS says the run spans several slices (jax's detection alone)."""
+  hosts = [h.strip() for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+  worker = os.environ.get("TPU_WORKER_ID", "")
+  if not hosts or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return None
+  if not worker.isdigit() or int(worker) >= len(hosts):
+    raise ValueError(f"TPU_WORKER_ID={worker!r} must be a worker index in [0, {len(hosts)}) of "
+                     f"TPU_WORKER_HOSTNAMES={','.join(hosts)}; fix or unset both.")
+  port = os.environ.get("JAX_COORDINATOR_PORT", str(TPU_COORDINATOR_PORT))
+  return Cluster(f"{hosts[0]}:{port}", len(hosts), int(worker), tuple(hosts))
+
+
+def _detected_by_jax(timeout_s: int, heartbeat_timeout_s: int) -> None:
+  """`jax.distributed.initialize()` with jax's own cluster detection (Cloud TPU, Slurm, Open MPI);
+  where it finds no cluster, nothing is started and this process runs alone."""
   try:
-    address, count, index, _ = clusters.ClusterEnv.auto_detect_unset_distributed_params(
-        None, None, None, None, None, timeout_s)
-  except (AttributeError, TypeError) as error:
-    raise _DetectionChanged(error) from error
-  if address is None or count is None or index is None:
+    jax.distributed.initialize(initialization_timeout=timeout_s,
+                               heartbeat_timeout_seconds=heartbeat_timeout_s)
+  except ValueError as error:  # jax found no cluster to join: its coordinator address stays unset
+    logging.info("No multi-host environment detected (%s); running as one process.", error)
     return None
-  return Cluster(address, count, index)
+  _quiet_other_processes()
+  logging.info("jax.distributed started by jax's cluster detection: process %d of %d.",
+               jax.process_index(), jax.process_count())
+  return None
 
 
 def _describe(cluster: Cluster, process: int, joined: dict[int, str]) -> str:

@@ -37,8 +37,7 @@ class StepPlan(NamedTuple):
     """ShapeDtypeStructs of the train state, with its shardings (for restore and lowering)."""
     params = abstract_params(self.cfg)
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
-                       jax.eval_shape(self.tx.init, params),
-                       jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))))
+                       jax.eval_shape(self.tx.init, params))
     return checkpoint.abstract_like(state, self.shardings)
 
   def abstract_batch(self, batch_size: int, seq_len: int) -> dict:
@@ -55,8 +54,7 @@ class StepPlan(NamedTuple):
     """A freshly initialised train state, laid out by `shardings` (parameters born sharded)."""
     _, params = init_params(self.cfg, seed, self.shardings.params, self.rules)
     opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params)
-    state = TrainState(jnp.zeros((), jnp.int32), params, opt_state,
-                       jax.random.key_data(jax.random.key(seed)))
+    state = TrainState(jnp.zeros((), jnp.int32), params, opt_state)
     return jax.device_put(state, self.shardings)
 
 
@@ -77,11 +75,16 @@ def plan_step(*, model: str, model_overrides: dict | None, num_steps: int, batch
                      "change train.micro_batches or train.batch_size.")
   lr = schedule(total_steps=num_steps)
   logical_axes = param_logical_axes(cfg)
-  tx = optimizer(lr, logical_axes=logical_axes, num_kv_groups=cfg.num_kv_groups,
-                 signal_heads_per_group=cfg.signal_heads_per_group, head_dim=cfg.head_dim,
-                 mesh=mesh, rules=rules)
-  if grad_clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
+
+  def build(learning_rate):
+    tx = optimizer(learning_rate, logical_axes=logical_axes, num_kv_groups=cfg.num_kv_groups,
+                   signal_heads_per_group=cfg.signal_heads_per_group, head_dim=cfg.head_dim,
+                   mesh=mesh, rules=rules)
+    return optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx) if grad_clip_norm else tx
+
+  # The schedule runs on the optimizer's own count of applied updates and the rate it gives is kept
+  # in the state (`opt_state.hyperparams["learning_rate"]`), which the step logs.
+  tx = optax.inject_hyperparams(build, hyperparam_dtype=jnp.float32)(learning_rate=lr)
   param_shardings = sharding.tree_shardings(logical_axes, mesh, rules)
   shardings = state_shardings(tx, abstract_params(cfg), param_shardings, mesh)
   batch_sharding = sharding.batch_sharding(mesh, rules)

@@ -1,6 +1,6 @@
 """The jitted training step: loss, gradient accumulation over micro-batches, clipping, update.
 
-The train state is a plain pytree `TrainState(step, params, opt_state, rng)`; the step is
+The train state is a plain pytree `TrainState(step, params, opt_state)`; the step is
 `jax.jit`-ed with explicit in/out shardings derived from the parameters' logical axes.
 """
 
@@ -28,7 +28,6 @@ class TrainState(NamedTuple):
   step: jax.Array  # int32 []
   params: Any  # nested dict of arrays
   opt_state: Any
-  rng: jax.Array  # uint32 [2]: raw key data, so checkpoints hold plain arrays
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
@@ -60,8 +59,9 @@ def _checked_leaves(params, opt_state) -> list[tuple[str, Any]]:
   """(name, leaf) of every float leaf of the params and the optimizer state, in a fixed order.
 
   Names are paths such as `params/blocks/mlp/w_up` or
-  `opt_state/1/0/inner_states/muon/inner_state/0/momentum/blocks/mlp/w_up`. Integer leaves (step
-  counts) cannot be non-finite and are left out. Works on arrays and on ShapeDtypeStructs alike.
+  `opt_state/inner_state/1/0/inner_states/muon/inner_state/0/0/trace/blocks/mlp/w_up`. Integer
+  leaves (step counts) cannot be non-finite and are left out. Works on arrays and on
+  ShapeDtypeStructs alike.
   """
   checked = []
   for prefix, tree in (("params", params), ("opt_state", opt_state)):
@@ -86,6 +86,13 @@ def _nonfinite_reason(loss_ok: jax.Array, grads_ok: jax.Array, update_ok: jax.Ar
   return jnp.select([~loss_ok, ~grads_ok, ~update_ok], [1, 2, 3], 0).astype(jnp.int32)
 
 
+def applied_learning_rate(opt_state) -> jax.Array | None:
+  """float32 []: the `learning_rate` that `optax.inject_hyperparams` recorded in `opt_state` (the
+  rate of the update that produced it), or None when the optimizer injects none."""
+  return optax.tree.get(opt_state, "learning_rate",
+                        filtering=lambda _, value: isinstance(value, jax.Array))
+
+
 def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformationExtraArgs, schedule: optax.Schedule, *,
                     micro_batches: int = 1,
@@ -97,10 +104,13 @@ def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef,
   token-weighted mean over the whole batch, so the result does not depend on `micro_batches`.
   A step whose loss or gradients are not finite, or whose new params or optimizer state would hold
   a NaN or inf (an optimizer that overflowed on finite gradients), leaves params and optimizer state
-  unchanged (`metrics["finite"]` is False); the step counter and RNG still advance, as the data
-  does. `metrics["nonfinite_reason"]` indexes NONFINITE_REASONS, and `metrics["nonfinite_leaves"]`
-  flags each new params/optimizer-state leaf that is not finite, in the order of
-  `checked_leaf_names`.
+  unchanged (`metrics["finite"]` is False); the step counter still advances, as the data does,
+  but the optimizer's own count (and so its learning-rate schedule) does not.
+  `metrics["learning_rate"]` is the rate the optimizer used for this update, read from its state
+  (`applied_learning_rate`, so `tx` built with `optax.inject_hyperparams`, as `plan_step` does);
+  `schedule(step)` stands in only for an optimizer whose state records no learning rate.
+  `metrics["nonfinite_reason"]` indexes NONFINITE_REASONS, and `metrics["nonfinite_leaves"]` flags
+  each new params/optimizer-state leaf that is not finite, in the order of `checked_leaf_names`.
   """
 
   def summed_loss(params, micro, layer_blocks=None):
@@ -169,6 +179,9 @@ def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef,
       grads = jax.tree.map(lambda g: g / denominator, grads)
       loss, grad_norm = loss_sum / denominator, optax.global_norm(grads)
       updates, opt_state = tx.update(grads, state.opt_state, state.params, max_logits=max_logits)
+      learning_rate = applied_learning_rate(opt_state)
+      if learning_rate is None:
+        learning_rate = schedule(state.step)
       params = optax.apply_updates(state.params, updates)
       # A NaN or inf anywhere in the gradients makes their norm non-finite; the optimizer can also
       # overflow on finite gradients. Either way the step is skipped: the old state is kept.
@@ -183,13 +196,12 @@ def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef,
         "finite": finite,
         "nonfinite_reason": reason,
         "nonfinite_leaves": ~leaf_finite,
-        "learning_rate": schedule(state.step),
+        "learning_rate": learning_rate,
         "tokens": weight_sum,
         "max_logit": jnp.max(max_logits),
         "max_logit_per_layer": jnp.max(max_logits, axis=(1, 2)),
     }
-    new_rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-    return TrainState(state.step + 1, params, opt_state, new_rng), metrics
+    return TrainState(state.step + 1, params, opt_state), metrics
 
   return train_step
 
@@ -203,4 +215,4 @@ def state_shardings(tx: optax.GradientTransformation, abstract_params, param_sha
   opt_shardings = optax.tree_map_params(
       tx, lambda leaf, sharding: leaf if masked(leaf) else sharding, abstract_opt, param_shardings,
       transform_non_params=lambda _: replicated, is_leaf=masked)
-  return TrainState(replicated, param_shardings, opt_shardings, replicated)
+  return TrainState(replicated, param_shardings, opt_shardings)

@@ -122,6 +122,38 @@ def test_matches_optax_contrib_muon(coeffs, optax_coeffs):
     ref_params = optax.apply_updates(ref_params, ref_updates)
 
 
+@pytest.mark.parametrize("grad_dtype", [jnp.float32, jnp.bfloat16])
+def test_optax_trace_momentum_equals_the_hand_written_nesterov(grad_dtype):
+  """matrix_muon (optax.trace + orthogonalize_updates) against the former hand-written momentum:
+  buf = mu buf + g and g' = g + mu buf in float32, then NS, 0.2 sqrt(max(m, n)), weight decay, lr."""
+  lr, wd, mu = 0.02, 0.1, 0.95
+  axes = {k: _AXES[k] for k in ("stack", "tall")}
+  shapes = {k: jax.ShapeDtypeStruct(_SHAPES[k], jnp.float32) for k in axes}
+  params = _random_tree(0, shapes, 0.1)
+  tx = matrix_muon(lr, logical_axes=axes, weight_decay=wd, momentum=mu, ns_dtype=jnp.float32)
+
+  @jax.jit
+  def hand_written(grads, buf, params):
+    buf = jax.tree.map(lambda b, g: mu * b + g.astype(jnp.float32), buf, grads)
+    nesterov = jax.tree.map(lambda b, g: g.astype(jnp.float32) + mu * b, buf, grads)
+    ortho = orthogonalize(nesterov, None, steps=5, coeffs="classic", dtype=jnp.float32, mesh=None)
+    updates = jax.tree.map(
+        lambda o, p: -lr * (o * (0.2 * np.sqrt(max(o.shape[-2:]))) + wd * p), ortho, params)
+    return updates, buf
+
+  state, buf = tx.init(params), jax.tree.map(jnp.zeros_like, params)
+  update = jax.jit(tx.update)
+  for step in range(3):
+    grads = jax.tree.map(lambda g: jnp.asarray(g, grad_dtype), _random_tree(step + 1, shapes))
+    ours, state = update(grads, state, params)
+    want, buf = hand_written(grads, buf, params)
+    for k in axes:
+      np.testing.assert_allclose(ours[k], want[k], rtol=1e-6, atol=1e-9)
+      assert ours[k].dtype == jnp.float32
+    params = optax.apply_updates(params, ours)
+  np.testing.assert_array_equal(state[0][0].trace["stack"], buf["stack"])  # the float32 buffer
+
+
 @pytest.fixture(scope="module")
 def tiny_problem():
   cfg = get_model_config("tiny")

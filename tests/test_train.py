@@ -72,8 +72,7 @@ def test_gradient_accumulation_equals_one_large_batch(scan_layers):
   # gradient's whole difference between the two orders of summation.
   tx = _sgd_keeping_grads()
   lr = lambda step: 1.0
-  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
-                     jax.random.key_data(jax.random.key(0)))
+  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   batch = _batch(8, 32, 3)
   steps = {k: jax.jit(make_train_step(cfg, graphdef, tx, lr, micro_batches=k)) for k in (1, 4)}
   (state_1, metrics_1), (state_4, metrics_4) = (steps[k](state, batch) for k in (1, 4))
@@ -107,8 +106,7 @@ def test_unrolled_accumulation_on_a_mesh_equals_the_scanned_step_on_one_device(d
       shardings = sharding.tree_shardings(param_logical_axes(cfg), mesh, rules)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
       graphdef, params = init_params(cfg, 0, shardings, rules)
-      state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
-                         jax.random.key_data(jax.random.key(0)))
+      state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
       step = jax.jit(make_train_step(cfg, graphdef, tx, lr, micro_batches=2))
       new_state, metrics = step(state, batch)
       if mesh is not None:

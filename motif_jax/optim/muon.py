@@ -1,12 +1,13 @@
 """Muon for the hidden matrices, routing of every parameter to Muon or AdamW, and Parallel Muon.
 
-Muon (SPEC.md section 4), per matrix W of shape [m, n] with gradient g:
+Muon (docs/optimizer.md), per matrix W of shape [m, n] with gradient g:
 
-    buf = mu * buf + g;  g' = g + mu * buf                      (Nesterov, no bias correction)
+    f = mu * f + g;  g' = g + mu * f                            (Nesterov, no bias correction)
     W  <- W * (1 - lr * wd) - lr * 0.2 * sqrt(max(m, n)) * NS(g')
 
-built as a chain of small transforms: `scale_by_muon` (momentum + Newton-Schulz) ->
-`scale_by_matrix_rms` (0.2 sqrt(max(m, n))) -> decoupled weight decay -> learning rate.
+built as a chain of small transforms: `optax.trace` (Nesterov momentum, float32 buffer) ->
+`orthogonalize_updates` (Newton-Schulz) -> `scale_by_matrix_rms` (0.2 sqrt(max(m, n))) -> decoupled
+weight decay -> learning rate.
 
 Routing: a parameter goes to Muon when its logical axes, less the stacking axis 'layers', are two
 (each layer of a [layers, m, n] stack is its own matrix) and its path names neither the token
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -99,11 +99,6 @@ def describe_routing(params, logical_axes) -> str:
            f"AdamW {totals[ADAM][1]:,} params"]
   lines += [f"  {n:<{width}}  {s:<18} {d}" for n, s, d in sorted(rows)]
   return "\n".join(lines)
-
-
-class MuonState(NamedTuple):
-  """momentum: the Nesterov buffer of every Muon leaf, float32, sharded like the params."""
-  momentum: Any
 
 
 def _wide(x: jax.Array) -> jax.Array:
@@ -214,37 +209,49 @@ def orthogonalize(leaves: dict[str, jax.Array], param_specs: dict[str, P] | None
   return out
 
 
-def scale_by_muon(logical_axes, *, momentum: float = 0.95, ns_steps: int = 5,
-                  ns_coeffs: Coeffs = "classic", ns_dtype=jnp.bfloat16,
-                  ns_chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, mesh: Mesh | None = None,
-                  rules: Rules = DEFAULT_RULES) -> optax.GradientTransformation:
-  """Nesterov momentum (no bias correction) then Newton-Schulz, for trees of [*stack, m, n] leaves.
+def orthogonalize_updates(logical_axes, *, ns_steps: int = 5, ns_coeffs: Coeffs = "classic",
+                          ns_dtype=jnp.bfloat16,
+                          ns_chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, mesh: Mesh | None = None,
+                          rules: Rules = DEFAULT_RULES) -> optax.GradientTransformation:
+  """Replaces each [*stack, m, n] update by NS(update), float32, same shape; stateless.
 
   `logical_axes` (a tree of PartitionSpecs covering the params) gives, with `rules` and `mesh`, the
-  sharding the orthogonalized updates are constrained back to. `ns_chunk_bytes` bounds Newton-Schulz's
-  working set per device (see `orthogonalize`).
+  sharding the orthogonalized updates are constrained back to (Parallel Muon when `mesh` is given).
+  `ns_chunk_bytes` bounds Newton-Schulz's working set per device (see `orthogonalize`).
   """
   param_specs = None
   if mesh is not None:
     param_specs = {path_name(p): logical_to_spec(a, rules) for p, a in
                    jax.tree_util.tree_flatten_with_path(logical_axes, is_leaf=_is_spec)[0]}
 
-  def init_fn(params):
-    return MuonState(momentum=jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-
   def update_fn(updates, state, params=None):
     del params
-    buf = jax.tree.map(lambda b, g: momentum * b + g.astype(jnp.float32), state.momentum, updates)
-    nesterov = jax.tree.map(lambda b, g: g.astype(jnp.float32) + momentum * b, buf, updates)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(nesterov)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
     names = [path_name(p) for p, _ in flat]
     ortho = orthogonalize(dict(zip(names, (x for _, x in flat))), param_specs, steps=ns_steps,
                           coeffs=ns_coeffs, dtype=ns_dtype, mesh=mesh, chunk_bytes=ns_chunk_bytes)
-    return jax.tree_util.tree_unflatten(treedef, [ortho[n] for n in names]), MuonState(buf)
+    return jax.tree_util.tree_unflatten(treedef, [ortho[n] for n in names]), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
+def scale_by_muon(logical_axes, *, momentum: float = 0.95, ns_steps: int = 5,
+                  ns_coeffs: Coeffs = "classic", ns_dtype=jnp.bfloat16,
+                  ns_chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, mesh: Mesh | None = None,
+                  rules: Rules = DEFAULT_RULES) -> optax.GradientTransformation:
+  """Nesterov momentum (no bias correction) then Newton-Schulz, for trees of [*stack, m, n] leaves.
+
+  `optax.trace(momentum, nesterov=True)` with a float32 buffer (f = mu f + g; g' = g + mu f) chained
+  before `orthogonalize_updates`, which takes the other arguments. The state is the trace's
+  `(TraceState(trace), EmptyState())`.
+  """
+  return optax.chain(
+      optax.trace(decay=momentum, nesterov=True, accumulator_dtype=jnp.float32),
+      orthogonalize_updates(logical_axes, ns_steps=ns_steps, ns_coeffs=ns_coeffs, ns_dtype=ns_dtype,
+                            ns_chunk_bytes=ns_chunk_bytes, mesh=mesh, rules=rules))
+
+
+# Ours: optax 0.2.8's equivalent (scale_by_shape, consistent_rms) is private to optax.contrib._muon.
 def scale_by_matrix_rms(rms: float = RMS_SCALE) -> optax.GradientTransformation:
   """Scales each [*stack, m, n] update by `rms * sqrt(max(m, n))` (update RMS like AdamW's)."""
 

@@ -1,4 +1,4 @@
-"""Quintic Newton-Schulz orthogonalization, the core of Muon (SPEC.md section 4).
+"""Quintic Newton-Schulz orthogonalization, the core of Muon (docs/optimizer.md).
 
 For a matrix `X` with SVD `U S V^T`, the iteration drives every singular value towards about 1, giving
 roughly `U V^T` (Muon's update direction). One step is

@@ -1,4 +1,4 @@
-"""QK-Clip for Grouped Differential Attention, as an optax transform (SPEC.md section 4).
+"""QK-Clip for Grouped Differential Attention, as an optax transform (docs/optimizer.md).
 
 The forward pass records, per layer and query head, the largest pre-softmax logit q.k / sqrt(d):
 `max_logits` float32 [layers, groups, signal_heads_per_group + 1], the noise head last. After the
