@@ -14,11 +14,14 @@ Routing: a parameter goes to Muon when its logical axes, less the stacking axis 
 embedding nor the LM head; everything else (embedding, lm_head, norm gains, PolyNorm weights, lambda
 vectors) goes to AdamW.
 
-Parallel Muon (`mesh` given): same-shaped matrices (all layers' wq, wk, wv, wo; the w_gate, w_up and,
-transposed, w_down stacks) are flattened into one batch, padded to a multiple of the device count and
-sharded on that batch axis over every mesh axis with the matrix dims whole. Each device then runs
-Newton-Schulz on its own whole matrices, once, and the results are constrained back to the
-parameters' sharding: XLA turns both constraints into all-to-alls.
+Grouping and Parallel Muon: matrices of the same shape up to a transpose (for Motif-2.6B, all layers'
+wq, wk, wv and wo form one group, and the w_gate, w_up and, transposed, w_down stacks another; in
+Motif-2-12.7B the attention projections differ in shape and form several) are flattened into one
+batch. With a `mesh`, the batch is padded to a multiple of the device count and sharded on that batch
+axis over every mesh axis with the matrix dims whole, so each device orthogonalizes each of its own
+whole matrices exactly once; the results are constrained back to the parameters' sharding (XLA turns
+both constraints into all-to-alls). Each device runs its matrices in sequential chunks bounded by
+`ns_chunk_bytes` (see `orthogonalize`).
 """
 
 from __future__ import annotations
