@@ -5,7 +5,8 @@ The forward pass records, per layer and query head, the largest pre-softmax logi
 optimizer step, a head whose max exceeds `tau` gets gamma = tau / max, and its query columns and the
 columns of the key it reads are each scaled by sqrt(gamma). The signal key k1_g, read by all signal
 heads of group g, takes the smallest scale among them; the noise key k2_g takes the noise head's.
-Columns of heads at or under tau are left exactly as the optimizer made them.
+Query columns of heads at or under tau are left exactly as the optimizer made them; since a group's
+signal heads share k1_g, clipping one of them also scales the logits of its unclipped siblings.
 
 Column layouts (per layer): wq [hidden, groups * (S + 1) * head_dim], group-major, each group S signal
 heads then the noise head; wk [hidden, groups * 2 * head_dim], each group [k1_g, k2_g].
