@@ -177,7 +177,7 @@ def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef,
     with jax.named_scope("optimizer"):
       denominator = jnp.maximum(weight_sum, 1.0)
       grads = jax.tree.map(lambda g: g / denominator, grads)
-      loss, grad_norm = loss_sum / denominator, optax.global_norm(grads)
+      loss, grad_norm = loss_sum / denominator, optax.tree.norm(grads)
       updates, opt_state = tx.update(grads, state.opt_state, state.params, max_logits=max_logits)
       learning_rate = applied_learning_rate(opt_state)
       if learning_rate is None:
