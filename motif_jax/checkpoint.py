@@ -4,10 +4,10 @@ A checkpoint holds the whole TrainState (step, params, optimizer state) and a JS
 step and the data position. Orbax writes each step into a temporary directory and renames it when
 complete, so a save that a crash interrupts never appears as a step; `latest_complete_step` also
 ignores any step directory that orbax does not report finalised (`ocp.step.is_path_finalized`) or
-whose step metadata (`ocp.metadata.get_step_metadata`) records no commit of a `state` item. `restore_latest` skips a
-newest checkpoint that is incomplete, cannot be read back or holds non-finite values, and moves it
-aside (renamed `<step>.corrupt-<UTC time>`, never deleted; the warning names both paths), so that
-the run can save that step anew.
+whose step metadata (`ocp.metadata.get_step_metadata`) records no commit of a `state` item.
+`restore_latest` skips a newest checkpoint that is incomplete, cannot be read back or holds
+non-finite values, and moves it aside (renamed `<step>.corrupt-<UTC time>`, never deleted; the
+warning names both paths), so that the run can save that step anew.
 """
 
 from __future__ import annotations

@@ -47,8 +47,8 @@ class StepPlan(NamedTuple):
 
   def checked_leaf_names(self) -> tuple[str, ...]:
     """Names of the leaves the step's `metrics["nonfinite_leaves"]` flags, position by position."""
-    params = abstract_params(self.cfg)
-    return train_step.checked_leaf_names(params, jax.eval_shape(self.tx.init, params))
+    state = self.abstract_state()
+    return train_step.checked_leaf_names(state.params, state.opt_state)
 
   def initial_state(self, seed: int) -> TrainState:
     """A freshly initialised train state, laid out by `shardings` (parameters born sharded)."""

@@ -81,10 +81,12 @@ def _one_line(error: BaseException) -> str:
   return "; ".join(line for line in lines if not line.startswith("In call to configurable"))
 
 
-def _fail(error: BaseException, workdir: str) -> None:
-  """Ends a run stopped by its settings or data: one line on stderr, exit code 2; the traceback goes
-  to WORKDIR/error.log (process 0; a workdir that cannot be written keeps it on stderr instead)."""
+def _fail(error: BaseException, workdir: str, write_log: bool) -> None:
+  """Ends a run stopped by its settings or data: one line on stderr, exit code 2; with `write_log`
+  (process 0), the traceback goes to WORKDIR/error.log (to stderr if the workdir cannot be written)."""
   where = ""
+  if not write_log:
+    _stop(f"{type(error).__name__}: {_one_line(error)}")
   try:
     path = epath.Path(workdir) / "error.log"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +133,7 @@ def main(argv):
       (workdir / "config.gin").write_text(gin.config_str())
     trainer.train(WORKDIR.value)
   except (ValueError, FileNotFoundError, trainer.NonFiniteError) as error:  # settings, data, divergence
-    _fail(error, WORKDIR.value)
+    _fail(error, WORKDIR.value, write_log=jax.process_index() == 0)
 
 
 if __name__ == "__main__":

@@ -157,7 +157,7 @@ def train(workdir: str, *,
       if writer:
         writer.close()
   if jax.process_index() == 0 and reporter.history:
-    print(reporter.summary(start_step, ckpt.directory, guard.total), flush=True)
+    print(reporter.summary(start_step, step, ckpt.directory, guard.total), flush=True)
   return reporter.history
 
 
@@ -279,7 +279,6 @@ class _Reporter:
     self.num_steps, self.writer, self.history = num_steps, writer, []
     self._started = time.perf_counter()
     self._last_time, self._last_step, self._step_times = self._started, None, []
-    self._said_no_peak = False
 
   def after_step(self, step: int, step_metrics, *, log: bool, skipped_steps: int = 0,
                  data_metrics: dict[str, float] | None = None) -> None:
@@ -314,9 +313,8 @@ class _Reporter:
       if self.peak_total:
         record["throughput/mfu"] = self.flops_per_step / step_time / self.peak_total
         line += f" | mfu {100 * record['throughput/mfu']:.1f}% (flops={metrics.FLOP_CONVENTION})"
-      elif not self._said_no_peak:  # said once: the device has no known peak
+      elif len(self._step_times) == 1:  # said once, on the first timed line: no known peak
         line += " | mfu n/a (no known peak for this device; set train.peak_tflops_per_device)"
-        self._said_no_peak = True
       line += f" | eta {metrics.format_duration((self.num_steps - step) * step_time)}"
     if data_metrics:  # mixture/target/<task>, mixture/realised/<task>; the console shows the realised
       record.update(data_metrics)
@@ -326,14 +324,14 @@ class _Reporter:
     if self.writer:
       self.writer.write(step, record, console=line)
 
-  def summary(self, start_step: int, checkpoint_dir: str, skipped_steps: int) -> str:
-    """One line for the end of a run that started at `start_step`: steps, tokens, time, final and
-    best logged loss, where the checkpoints are."""
-    first, last = start_step + 1, self.history[-1]["step"]
-    steps = last - start_step
+  def summary(self, start_step: int, end_step: int, checkpoint_dir: str, skipped_steps: int) -> str:
+    """One line for the end of a run that trained steps `start_step` + 1 .. `end_step`: steps,
+    tokens, time, last and best logged loss, where the checkpoints are."""
+    steps, last = end_step - start_step, self.history[-1]
     best = min(self.history, key=lambda record: record["train/loss"])
-    return (f"trained steps {first}-{last} ({steps} steps, {steps * self.tokens_per_step:,} tokens) "
-            f"in {metrics.format_duration(time.perf_counter() - self._started)}; loss "
-            f"{self.history[-1]['train/loss']:.4f} at the end, best logged {best['train/loss']:.4f} "
-            f"(step {best['step']}); {skipped_steps} non-finite steps skipped; checkpoints in "
-            f"{checkpoint_dir}")
+    return (f"trained steps {start_step + 1}-{end_step} ({steps} steps, "
+            f"{steps * self.tokens_per_step:,} tokens) in "
+            f"{metrics.format_duration(time.perf_counter() - self._started)}; loss "
+            f"{last['train/loss']:.4f} at the last logged step ({last['step']}), best logged "
+            f"{best['train/loss']:.4f} (step {best['step']}); {skipped_steps} non-finite steps "
+            f"skipped; checkpoints in {checkpoint_dir}")
